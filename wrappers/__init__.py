@@ -1,0 +1,1 @@
+"""The thin programs over libtarpit: tarpit-smtpd, tarpitctl, tarpit-sink."""
