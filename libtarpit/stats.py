@@ -1,0 +1,470 @@
+"""Logs -> seed 000's give-up table, seed 001's funnel, top reasons, warn counts.
+
+Pure: every function works on strings, parsed event dicts and numbers; the
+caller reads the files and owns the clock (`now` is always a parameter).
+
+Public names:
+  parse_tai64n    multilog's "@4000…" TAI64N label -> Unix seconds
+  line_time       time at the start of a log line (TAI64N, ISO-8601, syslog) or None
+  parse_since     --since text ("2026-11-01", "2026-11-01 12:00", "7d", "12h") -> Unix seconds
+  parse_events    lines -> our events as dicts (other lines dropped)
+  bucket_of       seconds -> the bucket it rounds to (seed 000: nearest 10 s)
+  giveup_table    events -> GiveupTable: LC / PL / % per bucket, total, cumulative rows
+  funnel          events -> Funnel: connections -> suspicious -> lost -> greylisted -> passed
+  top_reasons     events -> most frequent refusal reasons (ReasonCount)
+  warn_counts     events -> what warn mode would have done (WarnCount)
+  build_report    events -> Report (all of the above)
+  report_to_dict  Report -> a JSON-ready dict
+  format_report   Report -> the text `tarpitctl stats` prints
+  GiveupRow, CumulativeRow, GiveupTable, Funnel, ReasonCount, WarnCount, Report
+
+Counting rules (seed 000): a tarpitted connection counts at most once; one
+that pipelined counts as PL at its first `pipelining` elapsed, otherwise its
+first `tarpit_lost` counts as LC.  Lines with mode=warn never count as LC/PL
+or in the funnel; they are counted by warn_counts instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Iterator, Mapping
+
+from libtarpit.log import parse_line
+
+Event = Mapping[str, str]
+ConnKey = tuple[str, ...]
+
+# libtai's tai_now() stores 2^62 + 10 + unix time (the 10 s TAI-UTC offset of 1970).
+_TAI_OFFSET = (1 << 62) + 10
+_TAI64N = re.compile(r"@?([0-9a-fA-F]{16})([0-9a-fA-F]{8})")
+_ISO_START = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)(Z|[+-]\d{2}:?\d{2})?(?=\s|$)"
+)
+_SYSLOG_START = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})\s")
+_MONTHS = {m: i for i, m in enumerate(
+    "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+_REASON_FIELD = {
+    "helo_reject": "reason",
+    "rcpt_reject": "reason",
+    "greylist_defer": "reason",
+    "pregreet": None,
+    "error": "what",
+}
+_REJECTS = frozenset({"helo_reject", "rcpt_reject", "greylist_defer", "pregreet"})
+_PASSES = frozenset({"tarpit_done", "greylist_pass"})
+_WOULD = {
+    "tarpit_start": "would tarpit",
+    "helo_reject": "would refuse HELO",
+    "rcpt_reject": "would refuse RCPT",
+    "greylist_defer": "would greylist",
+    "pregreet": "would refuse pregreet",
+    "pipelining": "would refuse pipelining",
+}
+
+
+@dataclass(frozen=True)
+class GiveupRow:
+    """One row of seed 000's table: bucket start (s), LC, PL, (LC+PL) % of total."""
+
+    bucket: int
+    lc: int
+    pl: int
+    percent: int
+
+
+@dataclass(frozen=True)
+class CumulativeRow:
+    """Connections that gave up (LC+PL) before `mark` seconds, and % of total."""
+
+    mark: int
+    count: int
+    percent: int
+
+
+@dataclass(frozen=True)
+class GiveupTable:
+    """Seed 000's table: rows per bucket, total LC+PL, cumulative rows."""
+
+    bucket_size: int
+    rows: tuple[GiveupRow, ...]
+    total: int
+    cumulative: tuple[CumulativeRow, ...]
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """Seed 001's funnel, in distinct connections."""
+
+    connections: int
+    suspicious: int
+    lost_in_tarpit: int
+    greylisted: int
+    passed: int
+
+
+@dataclass(frozen=True)
+class ReasonCount:
+    """How many enforced lines of `event` carried `reason`."""
+
+    event: str
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True)
+class WarnCount:
+    """How many mode=warn lines said the policy would have done `label`."""
+
+    label: str
+    event: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything `tarpitctl stats` shows, computed from one list of events."""
+
+    events: int
+    giveup: GiveupTable
+    funnel: Funnel
+    reasons: tuple[ReasonCount, ...]
+    warn: tuple[WarnCount, ...]
+
+
+def parse_tai64n(stamp: str) -> float:
+    """Return the Unix time of a TAI64N label ("@4000…", 24 hex digits, '@' optional).
+
+    Raises ValueError if `stamp` is not a TAI64N label.
+    """
+    m = _TAI64N.fullmatch(stamp.strip())
+    if m is None:
+        raise ValueError(f"not a TAI64N label: {stamp[:40]!r}")
+    nanos = int(m.group(2), 16)
+    if nanos >= 1_000_000_000:
+        raise ValueError(f"TAI64N nanoseconds out of range: {stamp[:40]!r}")
+    return int(m.group(1), 16) - _TAI_OFFSET + nanos / 1e9
+
+
+def line_time(line: str, now: float | None = None) -> float | None:
+    """Return the Unix time a log line starts with, or None if it carries none.
+
+    Understands multilog's "@4000…" TAI64N stamp, an ISO-8601 stamp (journalctl
+    -o short-iso, rsyslog) and a syslog "Nov  1 12:00:00" stamp; the latter has
+    no year, so it is dated only when `now` is given (the most recent such date
+    not more than a day after `now`).  Times without a zone are local time.
+    Never raises.
+    """
+    if line.startswith("@"):
+        try:
+            return parse_tai64n(line[:25])
+        except ValueError:
+            return None
+    m = _ISO_START.match(line)
+    if m is not None:
+        return _iso_time(m)
+    m = _SYSLOG_START.match(line)
+    if m is not None and now is not None:
+        return _syslog_time(m, now)
+    return None
+
+
+def _iso_time(m: re.Match[str]) -> float | None:
+    text = f"{m.group(1)}T{m.group(2).replace(',', '.')}{m.group(3) or ''}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _syslog_time(m: re.Match[str], now: float) -> float | None:
+    month = _MONTHS.get(m.group(1))
+    if month is None:
+        return None
+    year = datetime.fromtimestamp(now).year
+    for y in (year, year - 1):
+        try:
+            t = datetime(y, month, int(m.group(2)), int(m.group(3)),
+                         int(m.group(4)), int(m.group(5))).timestamp()
+        except ValueError:
+            continue
+        if t <= now + 86400:
+            return t
+    return None
+
+
+def parse_since(text: str, now: float) -> float:
+    """Return the Unix time meant by a --since value, relative to `now`.
+
+    Accepts a date ("2026-11-01", local midnight), a date and time
+    ("2026-11-01 12:00", "2026-11-01T12:00:00+01:00") or an age
+    ("90s", "30m", "12h", "7d", "2w").  Raises ValueError otherwise.
+    """
+    text = text.strip()
+    m = _RELATIVE.fullmatch(text)
+    if m is not None:
+        return now - float(m.group(1)) * _UNIT[m.group(2)]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"bad --since {text!r}: use 2026-11-01, '2026-11-01 12:00', 7d or 12h"
+        ) from None
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[dict[str, str]]:
+    """Yield our lines as parsed dicts (libtarpit.log.parse_line); skip all others."""
+    for line in lines:
+        event = parse_line(line)
+        if event is not None:
+            yield event
+
+
+def bucket_of(seconds: float, size: int = 10) -> int:
+    """Return the bucket `seconds` rounds to: nearest multiple of `size`, half up, >= 0.
+
+    With size 10, bucket 0 holds s < 5 and bucket 10 holds 5 <= s < 15 (seed 000).
+    """
+    return max(0, math.floor(seconds / size + 0.5)) * size
+
+
+def _percent(part: int, total: int) -> int:
+    # Half up, in integers, so 2.5 % prints as 3 % the way the seed's author rounded.
+    return (200 * part + total) // (2 * total) if total else 0
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        s = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return s if s is not None and math.isfinite(s) else None
+
+
+def _conn_key(event: Event, index: int) -> ConnKey:
+    conn, pid = event.get("conn"), event.get("pid")
+    if conn is None and pid is None:
+        return ("#line", str(index))
+    return (conn or "", pid or "")
+
+
+def _enforced(event: Event) -> bool:
+    return event.get("mode") != "warn"
+
+
+def _giveups(events: Iterable[Event]) -> tuple[list[float], list[float]]:
+    pipelined: dict[ConnKey, float] = {}
+    lost: dict[ConnKey, float] = {}
+    for index, event in enumerate(events):
+        name = event.get("event")
+        if name not in ("pipelining", "tarpit_lost") or not _enforced(event):
+            continue
+        seconds = _seconds(event.get("elapsed"))
+        if seconds is None:
+            continue
+        target = pipelined if name == "pipelining" else lost
+        target.setdefault(_conn_key(event, index), seconds)
+    lc = [s for key, s in lost.items() if key not in pipelined]
+    return lc, list(pipelined.values())
+
+
+def giveup_table(events: Iterable[Event], bucket: int = 10,
+                 marks: Iterable[int] = (35, 45, 65)) -> GiveupTable:
+    """Return seed 000's table over `events` (parsed log dicts).
+
+    Rows run from bucket 0 to the highest bucket seen, empty ones included;
+    percentages are of the total and rounded half up.  A cumulative row counts
+    connections that gave up at less than `mark` seconds.  Lines whose elapsed
+    is missing or not a number are skipped.  Raises ValueError if bucket < 1.
+    """
+    if bucket < 1:
+        raise ValueError("bucket must be at least 1 second")
+    lc, pl = _giveups(events)
+    lc_by = Counter(bucket_of(s, bucket) for s in lc)
+    pl_by = Counter(bucket_of(s, bucket) for s in pl)
+    total = len(lc) + len(pl)
+    top = max([*lc_by, *pl_by], default=-1)
+    rows = tuple(
+        GiveupRow(b, lc_by[b], pl_by[b], _percent(lc_by[b] + pl_by[b], total))
+        for b in range(0, top + 1, bucket)
+    )
+    everyone = lc + pl
+    cumulative = tuple(
+        CumulativeRow(m, n, _percent(n, total))
+        for m in marks
+        for n in [sum(1 for s in everyone if s < m)]
+    )
+    return GiveupTable(bucket, rows, total, cumulative)
+
+
+@dataclass
+class _ConnState:
+    suspicious: bool = False
+    lost: bool = False
+    greylisted: bool = False
+    passed: bool = False
+
+
+def funnel(events: Iterable[Event]) -> Funnel:
+    """Return seed 001's funnel over `events`, counting distinct connections.
+
+    connections: any line seen; suspicious: class=suspicious; lost in tarpit:
+    an enforced tarpit_lost; greylisted: at least one enforced greylist_defer;
+    passed: a suspicious connection whose last tarpit_done / greylist_pass was
+    not followed by an enforced reject (helo_reject, rcpt_reject,
+    greylist_defer, pregreet).  A connection is identified by conn and pid.
+    """
+    conns: dict[ConnKey, _ConnState] = {}
+    for index, event in enumerate(events):
+        state = conns.setdefault(_conn_key(event, index), _ConnState())
+        _advance(state, event)
+    values = conns.values()
+    return Funnel(
+        connections=len(conns),
+        suspicious=sum(c.suspicious for c in values),
+        lost_in_tarpit=sum(c.lost for c in values),
+        greylisted=sum(c.greylisted for c in values),
+        passed=sum(c.suspicious and c.passed for c in values),
+    )
+
+
+def _advance(state: _ConnState, event: Event) -> None:
+    if event.get("class") == "suspicious":
+        state.suspicious = True
+    if not _enforced(event):
+        return
+    name = event.get("event")
+    if name == "tarpit_lost":
+        state.lost = True
+    if name == "greylist_defer":
+        state.greylisted = True
+    if name in _PASSES:
+        state.passed = True
+    elif name in _REJECTS:
+        state.passed = False
+
+
+def top_reasons(events: Iterable[Event], n: int = 10) -> tuple[ReasonCount, ...]:
+    """Return the `n` most frequent (event, reason) pairs among enforced refusals.
+
+    Counts helo_reject / rcpt_reject / greylist_defer by reason=, error by
+    what=, pregreet as reason "pregreet".  Ties are ordered by event, reason.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    for event in events:
+        name = event.get("event", "")
+        if name not in _REASON_FIELD or not _enforced(event):
+            continue
+        field = _REASON_FIELD[name]
+        reason = event.get(field, "-") if field else name
+        counts[(name, reason or "-")] += 1
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(ReasonCount(e, r, c) for (e, r), c in ordered[:max(n, 0)])
+
+
+def warn_counts(events: Iterable[Event]) -> tuple[WarnCount, ...]:
+    """Return, per event, how many mode=warn lines there were ("would tarpit" …).
+
+    Counts lines, most frequent first; an event without a known label is shown
+    as "would <event>".
+    """
+    counts: Counter[str] = Counter(
+        e.get("event", "") for e in events if not _enforced(e)
+    )
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(WarnCount(_WOULD.get(e, f"would {e}"), e, c) for e, c in ordered)
+
+
+def build_report(events: Iterable[Event], bucket: int = 10,
+                 marks: Iterable[int] = (35, 45, 65), top: int = 10) -> Report:
+    """Return the whole Report over `events`; raises ValueError if bucket < 1."""
+    listed = list(events)
+    return Report(
+        events=len(listed),
+        giveup=giveup_table(listed, bucket, tuple(marks)),
+        funnel=funnel(listed),
+        reasons=top_reasons(listed, top),
+        warn=warn_counts(listed),
+    )
+
+
+def report_to_dict(report: Report) -> dict[str, object]:
+    """Return `report` as plain dicts and lists, ready for json.dumps."""
+    g = report.giveup
+    return {
+        "events": report.events,
+        "giveup": {
+            "bucket": g.bucket_size,
+            "rows": [{"seconds": r.bucket, "lc": r.lc, "pl": r.pl, "percent": r.percent}
+                     for r in g.rows],
+            "total": g.total,
+            "cumulative": [{"up_to": c.mark, "count": c.count, "percent": c.percent}
+                           for c in g.cumulative],
+        },
+        "funnel": {
+            "connections": report.funnel.connections,
+            "suspicious": report.funnel.suspicious,
+            "lost_in_tarpit": report.funnel.lost_in_tarpit,
+            "greylisted": report.funnel.greylisted,
+            "passed": report.funnel.passed,
+        },
+        "top_reasons": [{"event": r.event, "reason": r.reason, "count": r.count}
+                        for r in report.reasons],
+        "warn": [{"label": w.label, "event": w.event, "count": w.count}
+                 for w in report.warn],
+    }
+
+
+def format_report(report: Report) -> str:
+    """Return the text report: seed 000's table, seed 001's funnel, reasons, warn."""
+    parts = [_format_giveup(report.giveup), _format_funnel(report.funnel),
+             _format_reasons(report.reasons)]
+    if report.warn:
+        parts.append(_format_warn(report.warn))
+    return "\n\n".join(parts) + "\n"
+
+
+def _format_giveup(g: GiveupTable) -> str:
+    lines = [
+        "Gave up during the tarpit (LC = lost connection, PL = talked before our reply)",
+        f"seconds rounded to the nearest {g.bucket_size} s",
+        "",
+        f"{'seconds':>7}  {'LC':>7}  {'PL':>7}  {'%':>4}",
+    ]
+    lines += [f"{r.bucket:>7}  {r.lc:>7}  {r.pl:>7}  {r.percent:>3}%" for r in g.rows]
+    lines += ["", f"{'total':<13}{g.total:>7}"]
+    lines += [f"{f'up to {c.mark} s':<13}{c.count:>7}  {c.percent:>3}%" for c in g.cumulative]
+    return "\n".join(lines)
+
+
+def _format_funnel(f: Funnel) -> str:
+    stages = [
+        ("connections", f.connections),
+        ("  suspicious (S25R)", f.suspicious),
+        ("  lost in tarpit", f.lost_in_tarpit),
+        ("  greylisted", f.greylisted),
+        ("  passed", f.passed),
+    ]
+    lines = ["Funnel (connections)"]
+    lines += [f"{name:<22}{n:>9}  {_percent(n, f.connections):>3}%" for name, n in stages]
+    return "\n".join(lines)
+
+
+def _format_reasons(reasons: tuple[ReasonCount, ...]) -> str:
+    lines = ["Top reasons"]
+    lines += [f"  {r.event:<16}{r.reason:<24}{r.count:>9}" for r in reasons]
+    if not reasons:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+def _format_warn(warn: tuple[WarnCount, ...]) -> str:
+    lines = ["Warn mode (not enforced)"]
+    lines += [f"  {w.label:<30}{w.count:>9}" for w in warn]
+    return "\n".join(lines)

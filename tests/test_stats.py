@@ -1,0 +1,328 @@
+"""tarpitctl stats against seed 000's measured tables and hand-made logs.
+
+The expected numbers below are typed in from seed 000 (environments A and B),
+not computed by the code under test; blank PL cells in the seed are 0 here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from libtarpit.log import format_line
+from libtarpit.stats import parse_tai64n
+
+# (seconds, LC, PL, %) as printed in seed 000.
+SEED_A_ROWS = [
+    (0, 62, 82, 7), (10, 131, 1, 6), (20, 310, 4, 15), (30, 805, 101, 43),
+    (40, 201, 0, 9), (50, 57, 2, 3), (60, 84, 98, 9), (70, 1, 0, 0),
+    (80, 3, 2, 0), (90, 180, 0, 8),
+]
+SEED_A_TOTAL = 2124
+SEED_A_CUMULATIVE = [(35, 1496, 70), (45, 1697, 80), (65, 1938, 91)]
+
+SEED_B_ROWS = [
+    (0, 234, 655, 4), (10, 7737, 369, 37), (20, 2185, 68, 10), (30, 5663, 392, 27),
+    (40, 113, 9, 1), (50, 708, 32, 3), (60, 1131, 1705, 13), (70, 46, 14, 0),
+    (80, 36, 5, 0), (90, 928, 102, 5),
+]
+SEED_B_TOTAL = 22132
+SEED_B_CUMULATIVE = [(35, 17303, 78), (45, 17425, 79), (65, 21001, 95)]
+
+ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%$")
+TOTAL = re.compile(r"^total\s+(\d+)$")
+CUMULATIVE = re.compile(r"^up to (\d+) s\s+(\d+)\s+(\d+)%$")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def line(conn: int, event: str, cls: str = "suspicious", **extra: object) -> str:
+    rule = 1 if cls == "suspicious" else "-"
+    pairs = [("conn", f"c{conn}"), ("pid", 1000 + conn), ("ip", "192.0.2.7"),
+             ("host", "p1-2-3.dyn.example"), ("class", cls), ("rule", rule),
+             ("event", event), *extra.items()]
+    return format_line(pairs)
+
+
+def elapsed_in_bucket(bucket: int, i: int) -> float:
+    """Spread clients over the bucket's whole range: [b-5, b+5), bucket 0 is [0, 5)."""
+    if bucket == 0:
+        return (i % 50) / 10
+    return bucket - 5 + (i % 100) / 10
+
+
+def seed_log(rows: list[tuple[int, int, int, int]]) -> list[str]:
+    out: list[str] = []
+    conn = 0
+    for bucket, lc, pl, _ in rows:
+        for kind, count in (("lc", lc), ("pl", pl)):
+            for i in range(count):
+                conn += 1
+                s = elapsed_in_bucket(bucket, i)
+                out.append(line(conn, "connect"))
+                out.append(line(conn, "tarpit_start", stage="rcpt", seconds=65))
+                if kind == "lc":
+                    out.append(line(conn, "tarpit_lost", stage="rcpt", elapsed=s))
+                    continue
+                out.append(line(conn, "pipelining", stage="rcpt", elapsed=s, bytes=6))
+                if i % 2:
+                    # The pipeliner then hangs up: still one PL, never also an LC.
+                    out.append(line(conn, "tarpit_lost", stage="rcpt", elapsed=s + 20.0))
+    return out
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(l + "\n" for l in lines))
+    return path
+
+
+def tarpitctl(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["tarpitctl", "stats", *map(str, args)], input=stdin,
+                          capture_output=True, timeout=120)
+
+
+def parse_output(stdout: bytes) -> tuple[list[tuple[int, ...]], int | None, list[tuple[int, ...]]]:
+    rows, total, cumulative = [], None, []
+    for text in stdout.decode().splitlines():
+        if m := ROW.match(text):
+            rows.append(tuple(int(g) for g in m.groups()))
+        elif m := TOTAL.match(text):
+            total = int(m.group(1))
+        elif m := CUMULATIVE.match(text):
+            cumulative.append(tuple(int(g) for g in m.groups()))
+    return rows, total, cumulative
+
+
+def funnel_lines(stdout: bytes) -> dict[str, int]:
+    out = {}
+    for text in stdout.decode().splitlines():
+        if m := re.match(r"^\s*(connections|suspicious \(S25R\)|lost in tarpit|greylisted|passed)"
+                         r"\s+(\d+)\s+\d+%$", text):
+            out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def tai64n(unix: float) -> str:
+    return "@%016x%08x" % ((1 << 62) + 10 + int(unix), 0)
+
+
+@pytest.mark.parametrize("rows,total,cumulative", [
+    (SEED_A_ROWS, SEED_A_TOTAL, SEED_A_CUMULATIVE),
+    (SEED_B_ROWS, SEED_B_TOTAL, SEED_B_CUMULATIVE),
+], ids=["environment-A", "environment-B"])
+def test_seed_000_tables_are_reproduced(tmp_path, rows, total, cumulative):
+    log = write(tmp_path / "current", seed_log(rows))
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    got_rows, got_total, got_cumulative = parse_output(done.stdout)
+    assert got_rows == rows
+    assert got_total == total
+    assert got_cumulative == cumulative
+
+
+def test_json_carries_the_same_table(tmp_path):
+    log = write(tmp_path / "log", seed_log(SEED_A_ROWS))
+    done = tarpitctl("--json", log)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    giveup = data["giveup"]
+    assert [(r["seconds"], r["lc"], r["pl"], r["percent"]) for r in giveup["rows"]] == SEED_A_ROWS
+    assert giveup["total"] == SEED_A_TOTAL
+    assert [(c["up_to"], c["count"], c["percent"]) for c in giveup["cumulative"]] \
+        == SEED_A_CUMULATIVE
+    assert data["funnel"]["connections"] == SEED_A_TOTAL
+
+
+def test_gzip_input_reads_like_plain(tmp_path):
+    path = tmp_path / "tarpit.log.1.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(l + "\n" for l in seed_log(SEED_A_ROWS)))
+    rows, total, cumulative = parse_output(tarpitctl(path).stdout)
+    assert (rows, total, cumulative) == (SEED_A_ROWS, SEED_A_TOTAL, SEED_A_CUMULATIVE)
+
+
+def test_multilog_directory_with_since(tmp_path):
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    now = time.time()
+    old, recent = now - 10 * 86400, now - 3600
+    # Rotated file: an old loss (filtered out) and a recent one.
+    write(logdir / "@400000006500000000000000.s", [
+        tai64n(old) + " " + line(1, "tarpit_lost", stage="rcpt", elapsed=12.0),
+        tai64n(recent) + " " + line(2, "tarpit_lost", stage="rcpt", elapsed=31.0),
+    ])
+    write(logdir / "current", [
+        tai64n(recent) + " " + line(3, "pipelining", stage="rcpt", elapsed=3.0, bytes=6),
+        line(4, "tarpit_lost", stage="rcpt", elapsed=61.0),  # no stamp: kept
+    ])
+    done = tarpitctl("--since", "7d", logdir)
+    assert done.returncode == 0, done.stderr
+    rows, total, _ = parse_output(done.stdout)
+    assert total == 3
+    assert (0, 0, 1, 33) in rows and (30, 1, 0, 33) in rows and (60, 1, 0, 33) in rows
+    assert (10, 0, 0, 0) in rows
+    assert "1 lines had no time" in done.stderr.decode()
+
+    everything = parse_output(tarpitctl(logdir).stdout)[1]
+    assert everything == 4
+
+
+@pytest.mark.parametrize("since", ["2000-01-01", "2000-01-01 12:00"])
+def test_since_absolute_dates_and_journal_iso_stamps(tmp_path, since):
+    log = write(tmp_path / "journal.txt", [
+        "1999-12-31T23:00:00+0000 mx tarpit-smtpd[5]: "
+        + line(1, "tarpit_lost", stage="rcpt", elapsed=8.0),
+        "2026-11-01T12:00:00+0100 mx tarpit-smtpd[6]: "
+        + line(2, "tarpit_lost", stage="rcpt", elapsed=22.0),
+    ])
+    rows, total, _ = parse_output(tarpitctl("--since", since, log).stdout)
+    assert total == 1
+    assert rows[-1] == (20, 1, 0, 100)
+
+
+def test_bad_since_is_a_usage_error(tmp_path):
+    log = write(tmp_path / "log", [line(1, "connect")])
+    done = tarpitctl("--since", "last tuesday", log)
+    assert done.returncode == 100
+    assert b"--since" in done.stderr
+
+
+def test_png_is_drawn(tmp_path):
+    log = write(tmp_path / "log", seed_log(SEED_A_ROWS))
+    png = tmp_path / "giveup.png"
+    done = tarpitctl("--png", png, log)
+    assert done.returncode == 0, done.stderr
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 5000
+
+
+def test_png_without_matplotlib_says_how_to_install(tmp_path):
+    # A package named matplotlib that fails to import stands in for "not installed".
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    log = write(tmp_path / "log", [line(1, "connect")])
+    done = subprocess.run(["tarpitctl", "stats", "--png", str(tmp_path / "x.png"), str(log)],
+                          capture_output=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(fake.parent)})
+    assert done.returncode == 100
+    assert "install matplotlib (pip install tarpit-smtpd[plot])" in done.stderr.decode()
+    assert not (tmp_path / "x.png").exists()
+
+
+FUNNEL_LOG = [
+    # 1: normal client, delivered.
+    line(1, "connect", "normal"), line(1, "end", "normal", reason="quit", duration=2.0),
+    # 2: suspicious, lost in the tarpit.
+    line(2, "connect"), line(2, "tarpit_start", stage="rcpt", seconds=65),
+    line(2, "tarpit_lost", stage="rcpt", elapsed=9.5),
+    # 3: suspicious, greylisted twice on its retry.
+    line(3, "connect"), line(3, "greylist_defer", reason="tarpit_lost", retry_after=1200),
+    line(3, "greylist_defer", reason="tarpit_lost", retry_after=600),
+    # 4: suspicious, sat through the tarpit and passed.
+    line(4, "connect"), line(4, "tarpit_start", stage="rcpt", seconds=65),
+    line(4, "tarpit_done", stage="rcpt", elapsed=65.0),
+    # 5: suspicious, passed the greylist.
+    line(5, "connect"), line(5, "greylist_pass", reason="retried"),
+    # 6: suspicious, sat through the tarpit, then refused at RCPT: not passed.
+    line(6, "connect"), line(6, "tarpit_done", stage="rcpt", elapsed=65.0),
+    line(6, "rcpt_reject", rcpt="nobody@example.org", reason="unknown_user"),
+    # 7: normal, bad HELO.
+    line(7, "connect", "normal"), line(7, "helo_reject", "normal", helo="foo", reason="nodot"),
+    # 8: suspicious, talked first.
+    line(8, "connect"), line(8, "pregreet", elapsed=0.3),
+]
+
+
+def test_funnel_on_a_small_log(tmp_path):
+    done = tarpitctl(write(tmp_path / "log", FUNNEL_LOG))
+    assert done.returncode == 0, done.stderr
+    assert funnel_lines(done.stdout) == {
+        "connections": 8, "suspicious (S25R)": 6, "lost in tarpit": 1,
+        "greylisted": 1, "passed": 2,
+    }
+    text = done.stdout.decode()
+    assert re.search(r"greylist_defer\s+tarpit_lost\s+2$", text, re.M)
+    assert re.search(r"rcpt_reject\s+unknown_user\s+1$", text, re.M)
+    assert re.search(r"helo_reject\s+nodot\s+1$", text, re.M)
+    assert re.search(r"pregreet\s+pregreet\s+1$", text, re.M)
+
+
+def test_warn_lines_are_would_not_lc_or_pl(tmp_path):
+    log = write(tmp_path / "log", [
+        line(1, "tarpit_start", stage="rcpt", seconds=65, mode="warn"),
+        line(1, "tarpit_lost", stage="rcpt", elapsed=4.0, mode="warn"),
+        line(2, "pipelining", stage="rcpt", elapsed=2.0, bytes=6, mode="warn"),
+        line(3, "helo_reject", "normal", helo="foo", reason="nodot", mode="warn"),
+        line(4, "helo_reject", "normal", helo="bar", reason="nodot", mode="warn"),
+        line(5, "tarpit_lost", stage="rcpt", elapsed=14.0),
+    ])
+    done = tarpitctl(log)
+    rows, total, _ = parse_output(done.stdout)
+    assert total == 1
+    assert rows == [(0, 0, 0, 0), (10, 1, 0, 100)]
+    text = done.stdout.decode()
+    assert re.search(r"would tarpit\s+1$", text, re.M)
+    assert re.search(r"would refuse HELO\s+2$", text, re.M)
+    assert re.search(r"would refuse pipelining\s+1$", text, re.M)
+    assert not re.search(r"^\s*helo_reject", text, re.M)  # not among enforced reasons
+    assert funnel_lines(done.stdout)["lost in tarpit"] == 1
+
+
+def test_lines_that_are_not_ours_are_ignored(tmp_path):
+    log = write(tmp_path / "maillog", [
+        "Nov  1 12:00:00 mx postfix/smtpd[1]: lost connection after RCPT from x[1.2.3.4]",
+        "@400000006500000000000000 qmail-smtpd: event=tarpit_lost elapsed=3",
+        "tarpit-smtpd-other conn=9 event=tarpit_lost elapsed=3",
+        line(1, "tarpit_lost", stage="rcpt", elapsed=25.0),
+    ])
+    rows, total, _ = parse_output(tarpitctl(log).stdout)
+    assert total == 1
+    assert rows[-1] == (30, 1, 0, 100)
+
+
+def test_garbage_file_gives_empty_table(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 200 + b"\x1f\x8bnot gzip\n\x00\xff")
+    fake_gz = tmp_path / "broken.gz"
+    fake_gz.write_bytes(b"\x1f\x8b\x08\x00garbage that is not deflate")
+    done = tarpitctl(junk, fake_gz)
+    assert done.returncode == 0
+    rows, total, cumulative = parse_output(done.stdout)
+    assert rows == [] and total == 0
+    assert cumulative == [(35, 0, 0), (45, 0, 0), (65, 0, 0)]
+    assert b"no tarpit-smtpd lines found" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_stdin_and_missing_file(tmp_path):
+    data = "".join(l + "\n" for l in seed_log(SEED_B_ROWS[:2])).encode()
+    rows, total, _ = parse_output(tarpitctl("-", stdin=data).stdout)
+    assert rows == [(0, 234, 655, 10), (10, 7737, 369, 90)]
+    assert total == 8995
+    missing = tarpitctl(tmp_path / "nope.log")
+    assert missing.returncode == 100
+    assert b"nope.log" in missing.stderr
+
+
+def test_bucket_width_option(tmp_path):
+    log = write(tmp_path / "log", [line(i, "tarpit_lost", stage="rcpt", elapsed=s)
+                                   for i, s in enumerate([1.0, 2.4, 2.5, 7.0, 33.0])])
+    rows, total, cumulative = parse_output(tarpitctl("--bucket", "5", log).stdout)
+    assert rows[:2] == [(0, 2, 0, 40), (5, 2, 0, 40)]
+    assert total == 5 and cumulative[0] == (35, 5, 100)
+    assert tarpitctl("--bucket", "0", log).returncode == 100
+
+
+def test_tai64n_label():
+    assert parse_tai64n("@400000000000000a00000000") == 0.0
+    assert parse_tai64n("400000006553f1000000000a") == pytest.approx(0x6553F100 - 10, abs=1e-6)
+    with pytest.raises(ValueError):
+        parse_tai64n("@4000zz")
