@@ -1,0 +1,204 @@
+"""Sans-I/O SMTP: client command lines, backend replies, replies we build.
+
+Public names:
+  MAX_LINE        longest command line we buffer (RFC 5321 says 512; we allow more)
+  Command         one parsed client command line (frozen)
+  parse_command   bytes line -> Command; never raises
+  LineSplitter    feed bytes, take complete lines; bounds a line's length
+  Reply           one complete (possibly multi-line) reply (frozen)
+  ReplyParser     feed backend bytes, take complete Replies
+  reply           build reply bytes from a code and text lines
+  mail_path       the address inside MAIL FROM:<...> / RCPT TO:<...>
+  drop_extension  an EHLO reply without one extension keyword (e.g. PIPELINING)
+  printable       cap and escape client text before it is echoed anywhere
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LINE = 4096
+MAX_ECHO = 100
+
+
+@dataclass(frozen=True)
+class Command:
+    """A client command line: `verb` upper-cased ("" when there is none), `arg` the rest."""
+
+    verb: str
+    arg: str
+    raw: bytes
+
+
+def parse_command(line: bytes) -> Command:
+    """Return the Command in `line` (with or without its CRLF).
+
+    Never raises: bytes that are not ASCII are decoded as latin-1 so the
+    verb comparison still works and the backend still gets the raw line.
+    """
+    text = line.rstrip(b"\r\n").decode("latin-1")
+    verb, _, arg = text.strip().partition(" ")
+    if not verb.isascii() or not verb.isalpha() or len(verb) > 16:
+        return Command("", text.strip(), line)
+    return Command(verb.upper(), arg.strip(), line)
+
+
+class LineSplitter:
+    """Accumulates bytes and hands out complete lines (ending in LF).
+
+    `lines()` returns the complete lines and keeps the partial tail.  A line
+    longer than MAX_LINE without LF is returned as `overlong` once (the bytes
+    up to the next LF are discarded) so a client cannot grow our memory.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE):
+        self._buf = bytearray()
+        self._max = max_line
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        """Append `data` to the buffer."""
+        self._buf += data
+
+    def next_line(self) -> tuple[bytes | None, bool]:
+        """Return (line, overlong) for the next complete line, or (None, False) if none yet."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if self._discarding:
+                if nl < 0:
+                    self._buf.clear()
+                    return None, False
+                del self._buf[: nl + 1]
+                self._discarding = False
+                continue
+            if nl < 0:
+                if len(self._buf) > self._max:
+                    self._buf.clear()
+                    self._discarding = True
+                    return b"", True
+                return None, False
+            if nl + 1 > self._max + 2:
+                del self._buf[: nl + 1]
+                return b"", True
+            line = bytes(self._buf[: nl + 1])
+            del self._buf[: nl + 1]
+            return line, False
+
+    def take(self, n: int | None = None) -> bytes:
+        """Remove and return up to `n` buffered bytes (all when None), raw."""
+        if n is None:
+            n = len(self._buf)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete reply: `code` (0 when the backend sent garbage), its lines, the raw bytes."""
+
+    code: int
+    lines: tuple[bytes, ...]
+    raw: bytes
+
+    @property
+    def positive(self) -> bool:
+        """True for 2xx and 3xx."""
+        return 200 <= self.code < 400
+
+    def texts(self) -> list[bytes]:
+        """The text of each line, without code and separator."""
+        return [ln.rstrip(b"\r\n")[4:] for ln in self.lines]
+
+
+_REPLY_LINE = re.compile(rb"^([0-9]{3})([ -]?)")
+
+
+class ReplyParser:
+    """Accumulates backend bytes and hands out complete Replies.
+
+    A reply ends with a line "ddd " or "ddd" (no separator).  A line that is
+    not a reply line ends the reply too, with code 0, so a broken backend
+    cannot make us buffer forever.
+    """
+
+    def __init__(self) -> None:
+        self._split = LineSplitter(max_line=65536)
+        self._lines: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """Append backend bytes; return the replies now complete, in order."""
+        self._split.feed(data)
+        out: list[Reply] = []
+        while True:
+            line, overlong = self._split.next_line()
+            if line is None:
+                return out
+            if overlong:
+                line = b"451 backend sent an overlong line\r\n"
+            self._lines.append(line)
+            m = _REPLY_LINE.match(line)
+            if m is None or m.group(2) != b"-":
+                code = int(m.group(1)) if m else 0
+                lines = tuple(self._lines)
+                self._lines = []
+                out.append(Reply(code, lines, b"".join(lines)))
+
+    def pending(self) -> bytes:
+        """Bytes of an incomplete reply (lines so far plus the partial tail)."""
+        return b"".join(self._lines) + self._split.take()
+
+
+def printable(text: str | bytes, limit: int = MAX_ECHO) -> str:
+    """Return client text capped to `limit` characters with non-printables as '?'."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    text = re.sub(r"[^\x20-\x7e]", "?", text)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def reply(code: int, *texts: str) -> bytes:
+    """Return the bytes of a reply with `code` and one line per text ("ddd-" then "ddd ")."""
+    texts = texts or ("",)
+    out = []
+    for i, t in enumerate(texts):
+        sep = " " if i == len(texts) - 1 else "-"
+        out.append(f"{code}{sep}{t}\r\n")
+    return "".join(out).encode("ascii", "replace")
+
+
+def mail_path(arg: str) -> str | None:
+    """Return the address in a MAIL/RCPT argument ("FROM:<a@b> SIZE=1" -> "a@b").
+
+    Returns "" for the null path "<>", None when the argument has no path.
+    """
+    _, colon, rest = arg.partition(":")
+    if not colon:
+        return None
+    rest = rest.strip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        if end < 0:
+            return None
+        return rest[1:end]
+    token = rest.split(" ", 1)[0]
+    return token or None
+
+
+def drop_extension(r: Reply, keyword: bytes) -> bytes:
+    """Return the raw bytes of EHLO reply `r` without the line advertising `keyword`.
+
+    The continuation markers are rebuilt so the last line keeps "ddd ".
+    """
+    kept = [ln for ln in r.lines[1:] if ln[4:].strip().split(b" ")[0].upper() != keyword]
+    lines = [r.lines[0]] + kept
+    code = str(r.code).encode()
+    out = []
+    for i, ln in enumerate(lines):
+        sep = b" " if i == len(lines) - 1 else b"-"
+        out.append(code + sep + ln[4:])
+    return b"".join(out)

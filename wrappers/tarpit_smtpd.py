@@ -1,0 +1,305 @@
+"""tarpit-smtpd: the tcpserver-spawned wrapper in front of an SMTP server.
+
+    tcpserver -vRl0 -x tcp.smtp.cdb 0 25 tarpit-smtpd [--control DIR] [--config FILE] PROGRAM [ARGS...]
+
+The client socket is fd 0 (read) and fd 1 (write).  The wrapper reads the
+tcpserver environment once, classifies the client, and then either execs
+PROGRAM on the same fds (fast path: nothing of ours stays behind) or starts it
+on a socketpair and relays, carrying out what libtarpit.session decides.
+
+This file owns every socket, process and clock; it holds no policy.
+Exit status: 0 when the session ended normally, 100 for usage errors, 111 for
+temporary trouble (our own failure, a backend that could not start).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+USAGE = "usage: tarpit-smtpd [--control DIR] [--config FILE] PROGRAM [ARGS...]\n"
+TEMPFAIL = b"451 4.3.0 Temporary local problem, please try again later\r\n"
+CLIENT_IN, CLIENT_OUT = 0, 1
+
+
+def now() -> float:
+    """The one clock of the wrapper (wall time; the session also uses it for greylist records)."""
+    return time.time()
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]] | None:
+    """Return (options, program argv) or None on a usage error.  No argparse: start-up is paid per mail."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(argv) and argv[i].startswith("--"):
+        if argv[i] == "--":
+            i += 1
+            break
+        name, eq, value = argv[i][2:].partition("=")
+        if name not in ("control", "config"):
+            return None
+        if not eq:
+            i += 1
+            if i >= len(argv):
+                return None
+            value = argv[i]
+        opts[name] = value
+        i += 1
+    program = argv[i:]
+    return (opts, program) if program else None
+
+
+class Backend:
+    """The backend process on one end of a socketpair."""
+
+    def __init__(self, program: list[str]):
+        ours, theirs = socket.socketpair()
+        try:
+            self.pid = os.posix_spawnp(
+                program[0], program, os.environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0),
+                              (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1)],
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.status: int | None = None
+
+    def send(self, data: bytes) -> bool:
+        """Send all of `data`; False when the backend has gone."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        """Close our end, give the backend a moment to exit on EOF, then TERM, then KILL; return its status."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for sig, wait in ((None, 0.05), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+            if self._wait(wait):
+                break
+        return self.status or 0
+
+    def _wait(self, seconds: float) -> bool:
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (OSError, AttributeError):
+            fd = None
+        try:
+            if fd is not None:
+                select.select([fd], [], [], seconds)
+            pid, status = os.waitpid(self.pid, os.WNOHANG if fd is not None else 0)
+            if pid == 0:
+                return False
+            self.status = os.waitstatus_to_exitcode(status)
+            return True
+        except ChildProcessError:
+            return True
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def write_client(data: bytes) -> bool:
+    """Write all of `data` to the client; False when the client has gone."""
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(CLIENT_OUT, view)
+            view = view[n:]
+        return True
+    except OSError:
+        return False
+
+
+def read_client() -> bytes:
+    """One read from the client; b"" on EOF or reset."""
+    try:
+        return os.read(CLIENT_IN, 65536)
+    except OSError:
+        return b""
+
+
+def tempfail(log, what: str, detail: str) -> int:
+    """Answer 451, log one error line, exit 111: for failures before a session exists."""
+    log.event("error", what=what, detail=detail)
+    write_client(TEMPFAIL)
+    return 111
+
+
+def setup(opts: dict[str, str], env: dict[str, str], log):
+    """Read configuration, control files and classify: return (session, greylist) or an exit status."""
+    from libtarpit import s25r
+    from libtarpit.config import ConfigError, load_config
+    from libtarpit.errors import ControlError
+    from libtarpit.session import Lists, Session, classify
+
+    cfg_path = opts.get("config") or env.get("TARPIT_CONFIG")
+    toml_text = None
+    try:
+        if cfg_path is None:
+            control = opts.get("control") or env.get("TARPIT_CONTROL") or "/var/qmail/control"
+            cand = os.path.join(control, "tarpit.toml")
+            cfg_path = cand if os.path.exists(cand) else None
+        if cfg_path is not None:
+            with open(cfg_path, encoding="utf-8") as f:
+                toml_text = f.read()
+        cfg = load_config(env, toml_text, cfg_path or "tarpit.toml")
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        return tempfail(log, "config", str(e))
+    control_dir = opts.get("control") or cfg.control
+    ip = env.get("TCPREMOTEIP", "")
+    host = env.get("TCPREMOTEHOST") or None
+    name_trusted = True
+    if cfg.rdns and host is None and ip:
+        from libtarpit.rdns import confirmed_name
+
+        host, err = confirmed_name(ip, cfg.rdns_timeout)
+        if err:
+            log.event("error", what="rdns", detail=err)
+    try:
+        allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
+        verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)
+        key = ip
+        client = classify(ip, host, relayclient="RELAYCLIENT" in env, verdict=verdict,
+                          force_class=cfg.force_class)
+        policy = cfg.policy(client.cls)
+        lists = Lists(
+            load_list(control_dir, "badheloarg") if policy.helo_check else None,
+            load_list(control_dir, "rcptusers") if policy.rcpt_check else None,
+        )
+    except ControlError as e:
+        return tempfail(log, "control", str(e))
+    greylist = None
+    if policy.greylist != "off":
+        from libtarpit import greylist as gl
+
+        params = gl.GreylistParams(mode=policy.greylist, delay=cfg.greylist_delay,
+                                   retry_count=cfg.greylist_retries, auto_whitelist=cfg.greylist_whitelist,
+                                   expire=cfg.greylist_expire, key=cfg.greylist_key,
+                                   timeout=cfg.greylist_timeout)
+        key = gl.client_key(ip, host if name_trusted else None, params)
+        greylist = gl.Greylist(gl.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout), params)
+    from dataclasses import replace
+
+    client = replace(client, key=key)
+    log.update(**{"class": client.cls, "rule": "-" if client.rule is None else client.rule})
+    return Session(client, policy, lists, greylist, now())
+
+
+def load_list(directory: str, name: str):
+    """The control list `name`, or None when absent (ControlError when unreadable)."""
+    from libtarpit import control
+
+    return control.ControlList.load(directory, name)
+
+
+def run(session, program: list[str], log) -> int:
+    """Carry out the session's actions until it closes; return the exit status."""
+    from libtarpit import session as S
+    from libtarpit.sleep import sleep
+
+    backend: Backend | None = None
+    todo = list(session.start())
+    status = 0
+    while True:
+        while todo:
+            a = todo.pop(0)
+            if isinstance(a, S.Log):
+                log.event(a.event, **dict(a.fields))
+            elif isinstance(a, S.SendClient):
+                if not write_client(a.data):
+                    todo[:0] = session.client_data(b"", now())
+            elif isinstance(a, S.SendBackend):
+                if backend is None or not backend.send(a.data):
+                    todo[:0] = session.backend_data(b"", now())
+            elif isinstance(a, S.Sleep):
+                result = sleep(CLIENT_IN, a.seconds)
+                todo[:0] = session.sleep_done(result, now())
+            elif isinstance(a, S.StartBackend):
+                try:
+                    backend = Backend(program)
+                except OSError as e:
+                    todo[:0] = session.fail("backend", f"{program[0]}: {e.strerror or e}")
+            elif isinstance(a, S.Exec):
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                try:
+                    os.execvp(program[0], program)
+                except OSError as e:
+                    return tempfail(log, "exec", f"{program[0]}: {e.strerror or e}")
+            elif isinstance(a, S.Close):
+                status = a.status
+                if backend is not None:
+                    backend.stop()
+                return status
+        todo = wait(session, backend)
+
+
+def wait(session, backend: Backend | None) -> list:
+    """Block until the client or the backend has something, or the deadline; return the session's actions."""
+    fds = [CLIENT_IN] + ([backend.sock.fileno()] if backend is not None else [])
+    deadline = session.deadline()
+    timeout = None if deadline is None else max(0.0, deadline - now())
+    ready, _, _ = select.select(fds, [], [], timeout)
+    if not ready:
+        return session.timeout(now())
+    out: list = []
+    if backend is not None and backend.sock.fileno() in ready:
+        try:
+            data = backend.sock.recv(65536)
+        except OSError:
+            data = b""
+        out += session.backend_data(data, now())
+    if CLIENT_IN in ready and session.phase != "closed":
+        out += session.client_data(read_client(), now())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0, 100 usage, 111 temporary)."""
+    from libtarpit.log import EventLog
+
+    parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
+        sys.stderr.write(USAGE)
+        return 100
+    opts, program = parsed
+    env = os.environ
+    pid = os.getpid()
+    log = EventLog(sys.stderr, {
+        "conn": f"{int(time.time() * 1000) % 10**10:x}.{pid}", "pid": pid,
+        "ip": env.get("TCPREMOTEIP", "-"), "host": env.get("TCPREMOTEHOST") or "-",
+        "class": "-", "rule": "-",
+    })
+    session = None
+    try:
+        made = setup(opts, dict(env), log)
+        if isinstance(made, int):
+            return made
+        session = made
+        return run(session, program, log)
+    except Exception as e:  # our own bug: 451, one line, never a traceback on the socket
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+        return tempfail(log, "internal", f"{type(e).__name__} at {where}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
