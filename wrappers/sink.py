@@ -26,6 +26,11 @@ USAGE = "usage: tarpit-sink MAILDIR\n"
 class MaildirHandler:
     """aiosmtpd handler: store each message in a Maildir, byte for byte."""
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        """Advertise PIPELINING too: aiosmtpd reads commands in order, so pipelined clients work."""
+        session.host_name = hostname
+        return responses[:1] + ["250-PIPELINING"] + responses[1:]
+
     def __init__(self, path: str):
         import mailbox
 
@@ -60,7 +65,9 @@ async def serve(sock: socket.socket, handler: MaildirHandler) -> None:
             if not done.done():
                 done.set_result(None)
 
-    hostname = os.environ.get("TCPLOCALHOST") or os.uname().nodename
+    hostname = os.environ.get("TCPLOCALHOST", "0")
+    if hostname in ("", "0"):  # tcpserver -l0 sets "0": no name given
+        hostname = os.uname().nodename
     await asyncio.get_running_loop().connect_accepted_socket(
         lambda: OneSession(handler, hostname=hostname, ident="tarpit-sink ESMTP"), sock)
     await done

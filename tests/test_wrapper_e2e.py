@@ -1,0 +1,282 @@
+"""End to end: real tcpserver -> tarpit-smtpd -> tarpit-sink, clients from loopback addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import time
+
+import pytest
+
+from conftest import children_of, cmdline, need, recv_reply
+
+GOOD, BOT, TRUSTED, PAUSED = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+DYNAMIC = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
+
+RULES = f"""
+{GOOD}:allow,TCPREMOTEHOST="mail.example.com"
+{BOT}:allow,TCPREMOTEHOST="{DYNAMIC}",TARPIT="3",TARPIT_GREYLIST="off"
+{TRUSTED}:allow,TCPREMOTEHOST="{DYNAMIC}",RELAYCLIENT=""
+{PAUSED}:allow,TCPREMOTEHOST="mail.example.net",GREETDELAY="1"
+"""
+
+MESSAGE = (b"From: a@example.org\r\nTo: bob@example.com\r\nSubject: byte test\r\n\r\n"
+           b"line one\r\n.leading dot survives\r\n..two dots\r\n"
+           b"8bit: \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\r\n" + b"x" * 900 + b"\r\n\r\n"
+           b"last line without trailing blank\r\n")
+
+
+def pid_for(server, ip: str) -> int:
+    return int(server.wait_log(rf"tcpserver: pid (\d+) from {ip.replace('.', '[.]')}\n").group(1))
+
+
+def smtp_from(server, src: str, timeout: float = 30) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", server.port, source_address=(src, 0), timeout=timeout)
+
+
+def test_good_client_delivers_byte_for_byte_on_the_fast_path(tarpit_server):
+    server = tarpit_server(RULES)
+    with smtp_from(server, GOOD) as s:
+        assert s.sendmail("a@example.org", ["bob@example.com"], MESSAGE) == {}
+    assert server.messages() == [MESSAGE]
+    connect = server.events("connect")[0]
+    assert connect["class"] == "normal" and connect["host"] == "mail.example.com"
+    assert server.events("exec"), "a normal client with no lists takes the exec fast path"
+
+
+def test_proxy_path_passes_every_byte_of_several_messages(tarpit_server):
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="1"'))
+    second = MESSAGE.replace(b"byte test", b"second") + b".\r\n".join([b"a", b"b", b""])
+    with smtp_from(server, BOT) as s:
+        assert s.sendmail("x@example.org", ["bob@example.com", "carol@example.com"], MESSAGE) == {}
+        assert s.sendmail("x@example.org", ["bob@example.com"], second) == {}
+    assert server.messages() == sorted([MESSAGE, second], key=lambda m: server.messages().index(m))
+    assert set(server.messages()) == {MESSAGE, second}
+    assert [e["class"] for e in server.events("connect")] == ["suspicious"]
+    assert server.events("tarpit_done")[0]["stage"] == "rcpt"
+    assert len(server.events("tarpit_start")) == 1, "the tarpit runs once per connection"
+
+
+def test_swaks_delivers_through_the_proxy_path(tarpit_server):
+    need("swaks")
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="1"'))
+    out = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--local-interface", BOT,
+         "--from", "s@example.org", "--to", "bob@example.com", "--header", "Subject: from swaks",
+         "--body", "swaks body line"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "<-  250 2.0.0 Ok: queued as" in out.stdout
+    [msg] = server.messages()
+    assert b"Subject: from swaks" in msg and b"swaks body line" in msg
+
+
+def test_trusted_client_takes_the_fast_path_no_wrapper_process_left(tarpit_server):
+    server = tarpit_server(RULES)
+    sock = server.connect(TRUSTED)
+    assert recv_reply(sock).startswith(b"220 ")
+    pid = pid_for(server, TRUSTED)
+    line = cmdline(pid)
+    assert "tarpit-sink" in line and "tarpit-smtpd" not in line, line
+    assert not [c for c in children_of(pid) if "tarpit-smtpd" in cmdline(c)]
+    sock.sendall(b"QUIT\r\n")
+    assert recv_reply(sock).startswith(b"221")
+    sock.close()
+    assert server.events("connect")[0]["class"] == "trusted"
+
+
+def test_bot_that_leaves_during_the_tarpit_ends_every_process(tarpit_server):
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="20"'))
+    sock = server.connect(BOT)
+    assert recv_reply(sock).startswith(b"220")
+    sock.sendall(b"EHLO bot\r\n")
+    ehlo = recv_reply(sock)
+    assert b"PIPELINING" not in ehlo, "PIPELINING is hidden from suspicious clients"
+    sock.sendall(b"MAIL FROM:<spam@example.org>\r\n")
+    assert recv_reply(sock).startswith(b"250")
+    pid = pid_for(server, BOT)
+    procs = [pid] + children_of(pid)
+    assert len(procs) >= 2, "wrapper and backend are running"
+    sock.sendall(b"RCPT TO:<bob@example.com>\r\n")
+    server.wait_log("event=tarpit_start")
+    time.sleep(0.3)
+    sock.close()
+    closed = time.monotonic()
+    server.wait_log(rf"tcpserver: end {pid} ")
+    gone_after = time.monotonic() - closed
+    # the 100 ms / p99 10 ms targets are measured in bench/; here a bound that cannot flake
+    assert gone_after < 2.0, gone_after
+    for p in procs:
+        assert not os.path.exists(f"/proc/{p}") or "Z" in open(f"/proc/{p}/stat").read().split()[2]
+    [lost] = server.events("tarpit_lost")
+    assert 0.2 < float(lost["elapsed"]) < 2.0
+    assert server.events("end")[-1]["reason"] == "tarpit_lost"
+
+
+def test_pipelining_during_the_tarpit_is_logged_and_replies_stay_in_order(tarpit_server):
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="1"'))
+    sock = server.connect(BOT)
+    recv_reply(sock)
+    sock.sendall(b"HELO bot.example.org\r\n")
+    recv_reply(sock)
+    sock.sendall(b"MAIL FROM:<x@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    got = b""
+    while got.count(b"\r\n") < 3:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    codes = [ln[:3] for ln in got.split(b"\r\n") if ln]
+    assert codes == [b"250", b"250", b"354"]
+    sock.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert recv_reply(sock).startswith(b"250")
+    sock.close()
+    [pl] = server.wait_log("event=pipelining") and server.events("pipelining")
+    assert pl["stage"] == "rcpt"
+    assert server.messages() == [b"Subject: p\r\n\r\nbody\r\n"]
+
+
+def test_client_talking_before_the_greeting_gets_554(tarpit_server):
+    server = tarpit_server(RULES)
+    sock = server.connect(PAUSED)
+    sock.sendall(b"EHLO early.example.org\r\n")
+    reply = recv_reply(sock)
+    assert reply.startswith(b"554 ")
+    assert sock.recv(100) == b"", "the connection is closed after 554"
+    [ev] = server.events("pregreet")
+    assert ev["bytes"] == str(len(b"EHLO early.example.org\r\n"))
+
+
+def test_patient_client_gets_the_banner_after_the_greet_pause(tarpit_server):
+    server = tarpit_server(RULES)
+    t = time.monotonic()
+    sock = server.connect(PAUSED)
+    assert recv_reply(sock).startswith(b"220")
+    assert time.monotonic() - t >= 0.9
+    sock.close()
+
+
+def test_client_leaving_during_the_greet_pause_is_logged_and_no_backend_starts(tarpit_server):
+    server = tarpit_server(RULES.replace('GREETDELAY="1"', 'GREETDELAY="5"'))
+    sock = server.connect(PAUSED)
+    pid = pid_for(server, PAUSED)
+    assert children_of(pid) == [], "no backend during the greet pause"
+    time.sleep(0.2)
+    sock.close()
+    server.wait_log(rf"tcpserver: end {pid} ")
+    [ev] = server.events("greet_lost")
+    assert float(ev["elapsed"]) < 2.0
+
+
+def test_badheloarg_refuses_listed_and_dotless_arguments(tarpit_server):
+    server = tarpit_server(RULES, control_files={"badheloarg": "localhost.localdomain\nmx.example.com\n"})
+    with smtp_from(server, GOOD) as s:
+        assert s.ehlo("localhost.localdomain")[0] == 553
+        assert s.helo("MX.example.com")[0] == 553
+        assert s.ehlo("nodot")[0] == 553
+        code, text = s.ehlo("[192.0.2.7]")
+        assert code == 250
+        assert b"PIPELINING" in text, "normal clients keep PIPELINING"
+        assert s.sendmail("a@example.org", ["bob@example.com"], MESSAGE) == {}
+    reasons = [(e["helo"], e["reason"]) for e in server.events("helo_reject")]
+    assert reasons == [("localhost.localdomain", "listed"), ("MX.example.com", "listed"), ("nodot", "nodot")]
+    assert server.messages() == [MESSAGE]
+
+
+def test_rcptusers_refuses_unknown_users_without_the_backend(tarpit_server):
+    server = tarpit_server(RULES, control_files={"rcptusers": "bob\npostmaster\nlist-default\n"})
+    with smtp_from(server, GOOD) as s:
+        s.ehlo("mail.example.com")
+        s.mail("a@example.org")
+        code, text = s.rcpt("alice@example.com")
+        assert code == 550 and text.startswith(b"5.1.1")
+        assert s.rcpt("Bob@example.com")[0] == 250
+        assert s.rcpt("list-announce@example.com")[0] == 250
+        s.data(MESSAGE)
+    assert [e["rcpt"] for e in server.events("rcpt_reject")] == ["alice@example.com"]
+    assert server.messages() == [MESSAGE]
+
+
+def test_compiled_cdb_list_is_used(tarpit_server, tmp_path):
+    server = tarpit_server(RULES, control_files={"rcptusers": "bob\n"})
+    subprocess.run(["tarpitctl", "cdb", str(server.control / "rcptusers")], check=True, capture_output=True)
+    (server.control / "rcptusers").write_text("nobody-but-the-cdb-is-read\n")
+    with smtp_from(server, GOOD) as s:
+        s.ehlo("mail.example.com")
+        s.mail("a@example.org")
+        assert s.rcpt("bob@example.com")[0] == 250
+
+
+def test_corrupt_control_file_gives_451_and_an_error_line(tarpit_server):
+    server = tarpit_server(RULES)
+    (server.control / "rcptusers.cdb").write_bytes(b"\x00garbage, not a cdb")
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        smtp_from(server, GOOD)
+    assert e.value.smtp_code == 451
+    [err] = server.wait_log("event=error") and server.events("error")
+    assert err["what"] == "control" and "rcptusers" in err["detail"]
+    assert "Traceback" not in server.log()
+
+
+def test_backend_that_cannot_start_gives_451(tarpit_server):
+    server = tarpit_server(RULES, command=["tarpit-smtpd", "/nonexistent/qmail-smtpd"])
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        smtp_from(server, BOT)
+    assert e.value.smtp_code == 451
+    assert server.events("error")[0]["what"] == "backend"
+
+
+def test_backend_killed_mid_session_ends_the_client_connection(tarpit_server):
+    server = tarpit_server(RULES, control_files={"badheloarg": "localhost\n"})
+    sock = server.connect(GOOD)
+    recv_reply(sock)
+    sock.sendall(b"EHLO mail.example.com\r\n")
+    recv_reply(sock)
+    pid = pid_for(server, GOOD)
+    [backend] = children_of(pid)
+    os.kill(backend, signal.SIGKILL)
+    sock.settimeout(5)
+    assert sock.recv(100) == b""
+    server.wait_log(rf"tcpserver: end {pid} ")
+    assert server.events("end")[-1]["reason"] == "backend_closed"
+
+
+def test_garbage_and_overlong_lines_get_smtp_errors_not_tracebacks(tarpit_server):
+    server = tarpit_server(RULES, control_files={"badheloarg": "localhost\n"})
+    sock = server.connect(GOOD)
+    recv_reply(sock)
+    sock.sendall(b"\x00\xff\xfe garbage\r\n")
+    assert recv_reply(sock)[:1] == b"5"
+    sock.sendall(b"NOOP " + b"A" * 10000 + b"\r\n")
+    assert recv_reply(sock).startswith(b"500 5.5.2")
+    sock.sendall(b"NOOP\r\n")
+    assert recv_reply(sock).startswith(b"250")
+    sock.sendall(b"QUIT\r\n")
+    assert recv_reply(sock).startswith(b"221")
+    sock.close()
+    assert "Traceback" not in server.log()
+
+
+def test_idle_client_is_timed_out_with_421(tarpit_server):
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="3",TARPIT_TIMEOUT="1"'))
+    sock = server.connect(BOT)
+    recv_reply(sock)
+    t = time.monotonic()
+    assert recv_reply(sock).startswith(b"421 4.4.2")
+    assert time.monotonic() - t < 5
+    assert server.events("end")[-1]["reason"] == "timeout"
+
+
+def test_error_limit_drops_the_client(tarpit_server):
+    rules = RULES.replace('TARPIT="3"', 'TARPIT="0",TARPIT_ERROR_HARD="3",TARPIT_ERROR_SLEEP="0"')
+    server = tarpit_server(rules, control_files={"badheloarg": "localhost\n"})
+    sock = server.connect(BOT)
+    recv_reply(sock)
+    got = b""
+    for _ in range(3):
+        sock.sendall(b"HELO localhost\r\n")
+        got += recv_reply(sock)
+    got += sock.recv(1000)
+    assert got.count(b"553 ") == 3 and b"421 4.7.0" in got
+    assert server.events("end")[-1]["reason"] == "too_many_errors"
