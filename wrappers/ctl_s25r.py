@@ -1,0 +1,90 @@
+"""tarpitctl s25r: show the S25R verdict for reverse names.
+
+  tarpitctl s25r [--control DIR] [--extra] [--no-allow] NAME...
+  tarpitctl s25r [--control DIR] [--extra] [--no-allow] --stdin
+
+One line per name, tab-separated:
+  NAME  match  rule=N       suspicious: S25R rule N matched (7: extra pattern)
+  NAME  allow  rule=N|-     s25r-allow overrides (rule=- when no rule matched)
+  NAME  nomatch             not suspicious
+An empty name or "unknown" means no reverse name (rule 0).  Names are taken
+as forward-confirmed, so name entries of the allow-list apply.
+
+Exit: 0 no name suspicious, 1 at least one suspicious, 100 usage,
+111 the allow-list exists but cannot be read or parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Iterable
+
+from libtarpit.errors import ControlError
+from libtarpit.s25r import AllowList, classify
+
+DEFAULT_CONTROL = "/var/qmail/control"
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the s25r options on `parser`."""
+    parser.add_argument("--control", metavar="DIR",
+                        help="control directory (default: $TARPIT_CONTROL or /var/qmail/control)")
+    parser.add_argument("--extra", action="store_true",
+                        help="also apply the extra dynamic-name patterns (rule 7)")
+    parser.add_argument("--no-allow", action="store_true",
+                        help="ignore DIR/s25r-allow: show what bare S25R says")
+    parser.add_argument("--stdin", action="store_true", help="read names one per line from stdin")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="reverse names to check")
+
+
+def _escape(name: str) -> str:
+    """Return `name` fit for one output field: non-printables and tabs become '?'."""
+    return _UNPRINTABLE.sub("?", name)
+
+
+def _stdin_names() -> Iterable[str]:
+    """Yield the names on stdin, one per line, surrounding whitespace removed."""
+    for raw in sys.stdin.buffer:
+        yield raw.decode("utf-8", "replace").strip()
+
+
+def _line(name: str, allow: AllowList | None, extra: bool) -> tuple[str, bool]:
+    """Return the output line for `name` and whether it is suspicious."""
+    verdict = classify(name, None, allow, extra=extra, name_trusted=True)
+    rule = "-" if verdict.rule is None else str(verdict.rule)
+    if verdict.allowed_by is not None:
+        return f"{_escape(name)}\tallow\trule={rule}", False
+    if verdict.rule is not None:
+        return f"{_escape(name)}\tmatch\trule={rule}", True
+    return f"{_escape(name)}\tnomatch", False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print one verdict line per name; return the exit status (0, 1, 100, 111)."""
+    if args.stdin == bool(args.names):
+        print("tarpitctl s25r: give NAME arguments or --stdin (not both)", file=sys.stderr)
+        return 100
+    control = args.control or os.environ.get("TARPIT_CONTROL") or DEFAULT_CONTROL
+    allow = None
+    if not args.no_allow:
+        try:
+            allow = AllowList.load(os.path.join(control, "s25r-allow"))
+        except ControlError as e:
+            print(f"tarpitctl: {e}", file=sys.stderr)
+            return 111
+    names = _stdin_names() if args.stdin else args.names
+    suspicious = False
+    try:
+        for name in names:
+            text, hit = _line(name, allow, args.extra)
+            print(text)
+            suspicious = suspicious or hit
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader (head, grep -q) left: stop quietly, no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1 if suspicious else 0
