@@ -1,0 +1,38 @@
+#!/bin/sh
+# The README's demo: tarpit-smtpd in front of a real SMTP backend (tarpit-sink, delivering to a
+# Maildir) under a real tcpserver on 127.0.0.1.  A well-behaved client delivers; a bot with a
+# dynamic-looking reverse name is tarpitted at RCPT and gives up.  Set TARPIT_DEMO_NO_SETUP=1 to
+# skip the install step.
+set -eu
+cd "$(dirname "$0")/.."
+[ -n "${TARPIT_DEMO_NO_SETUP:-}" ] || sh scripts/setup.sh
+dir=$(mktemp -d /tmp/tarpit-demo.XXXXXX)
+mkdir "$dir/control"
+cp control-examples/s25r-allow "$dir/control/"
+# tcprules gives each loopback source address the reverse name a real client would have.
+cat > "$dir/tcp.smtp" <<'RULES'
+127.0.0.2:allow,TCPREMOTEHOST="mail.example.org"
+127.0.0.3:allow,TCPREMOTEHOST="p1234-ipbf56abcdef.tokyo.ocn.ne.jp",TARPIT="5"
+:allow
+RULES
+tcprules "$dir/tcp.smtp.cdb" "$dir/tcp.smtp.tmp" < "$dir/tcp.smtp"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+echo "== $dir"
+echo "\$ tcpserver -vRHl0 -x tcp.smtp.cdb 127.0.0.1 $port tarpit-smtpd tarpit-sink Maildir"
+TARPIT_CONTROL="$dir/control" TARPIT_GREYLIST_URL="$dir/greylist.sqlite" \
+    tcpserver -vRHl0 -x "$dir/tcp.smtp.cdb" 127.0.0.1 "$port" \
+    tarpit-smtpd tarpit-sink "$dir/Maildir" 2> "$dir/log" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+sleep 0.5
+python3 scripts/demo_clients.py "$port"
+sleep 0.3
+echo
+echo "== the log (one line per event):"
+grep -E '^tarpit-(smtpd|sink)' "$dir/log"
+echo
+echo "== Maildir/new:"
+for f in "$dir"/Maildir/new/*; do echo "--- $f"; cat "$f"; done
+echo
+echo "== tarpitctl stats $dir/log"
+tarpitctl stats "$dir/log"
