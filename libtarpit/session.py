@@ -230,6 +230,7 @@ class Session:
         if self.phase != "sleeping":
             raise LocalError(f"sleep_done in phase {self.phase}")
         stage = self._sleep_stage
+        self._last = now  # our own sleep is not the client's idleness
         if stage == "greet":
             self._greet_done(result)
         elif stage == "error":

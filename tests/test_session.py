@@ -1,0 +1,260 @@
+"""The sans-I/O session: bytes and time in, actions out; no sockets, no processes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from libtarpit import control, smtp
+from libtarpit.config import DEFAULTS, load_config
+from libtarpit.session import (Close, Exec, Lists, Log, PHASES, TRANSITIONS, SendBackend, SendClient,
+                               Session, Sleep, StartBackend, classify)
+from libtarpit.sleep import Outcome, SleepResult
+
+NORMAL = classify("192.0.2.1", "mail.example.org", relayclient=False, verdict=None, key="192.0.2.0/24")
+SUSPICIOUS = replace(NORMAL, cls="suspicious", rule=1, host="p1-2.dyn.example.net")
+BANNER = b"220 backend ESMTP\r\n"
+EHLO_REPLY = b"250-backend\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n"
+
+
+def sent_client(actions) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendClient))
+
+
+def sent_backend(actions) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendBackend))
+
+
+def events(actions) -> list[str]:
+    return [a.event for a in actions if isinstance(a, Log)]
+
+
+def started(policy, lists=Lists(), client=SUSPICIOUS, greylist=None) -> Session:
+    s = Session(client, policy, lists, greylist, 1000.0, backend_needed=True)
+    acts = s.start()
+    if any(isinstance(a, Sleep) for a in acts):
+        acts = s.sleep_done(SleepResult(Outcome.ELAPSED, policy.greet_pause), 1001.0)
+    assert any(isinstance(a, StartBackend) for a in acts)
+    assert sent_client(s.backend_data(BANNER, 1001.0)) == BANNER
+    return s
+
+
+def make_lists(tmp_path, **files) -> Lists:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return Lists(control.ControlList.load(str(tmp_path), "badheloarg"),
+                 control.ControlList.load(str(tmp_path), "rcptusers"))
+
+
+SUSP = replace(DEFAULTS["suspicious"], greylist="off", tarpit=65.0)
+
+
+def test_phase_table_names_only_known_phases():
+    for (src, _event), dst in TRANSITIONS.items():
+        assert src in PHASES and dst in PHASES
+
+
+def test_normal_client_with_nothing_to_check_is_execed():
+    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0)
+    acts = s.start()
+    assert events(acts) == ["connect", "exec"]
+    assert isinstance(acts[-1], Exec)
+
+
+def test_greet_pause_then_exec_and_pregreet_554():
+    pol = replace(DEFAULTS["normal"], greet_pause=5.0)
+    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    assert [a for a in s.start() if isinstance(a, Sleep)] == [Sleep(5.0, "greet")]
+    assert isinstance(s.sleep_done(SleepResult(Outcome.ELAPSED, 5.0), 5.0)[-1], Exec)
+
+    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s.start()
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 5.0, b"EHLO x\r\n", 0.5), 5.0)
+    assert sent_client(acts).startswith(b"554 ")
+    assert isinstance(acts[-1], Close) and "pregreet" in events(acts)
+
+
+def test_pregreet_in_warn_mode_replays_the_early_bytes_to_the_backend():
+    pol = load_config({"TARPIT_MODE": "warn", "GREETDELAY": "2"}).policy("normal")
+    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s.start()
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 2.0, b"EHLO x\r\n", 0.5), 2.0)
+    assert [a for a in acts if isinstance(a, Log) and a.event == "pregreet"][0].fields[0] == ("mode", "warn")
+    assert any(isinstance(a, StartBackend) for a in acts)
+    acts = s.backend_data(BANNER, 2.0)
+    assert sent_backend(acts) == b"EHLO x\r\n"
+
+
+def test_pipelining_hidden_from_suspicious_ehlo():
+    s = started(SUSP)
+    assert sent_backend(s.client_data(b"EHLO bot\r\n", 1.0)) == b"EHLO bot\r\n"
+    out = sent_client(s.backend_data(EHLO_REPLY, 1.0))
+    assert out == b"250-backend\r\n250-8BITMIME\r\n250 SIZE 1000\r\n"
+    last_line = b"250-backend\r\n250-8BITMIME\r\n250 PIPELINING\r\n"
+    s.client_data(b"EHLO again\r\n", 1.0)
+    assert sent_client(s.backend_data(last_line, 1.0)) == b"250-backend\r\n250 8BITMIME\r\n"
+
+
+def test_tarpit_holds_rcpt_and_a_disconnect_ends_everything():
+    s = started(SUSP)
+    s.client_data(b"HELO bot.example\r\n", 1.0)
+    s.backend_data(b"250 hi\r\n", 1.0)
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    acts = s.client_data(b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    assert [a for a in acts if isinstance(a, Sleep)] == [Sleep(65.0, "rcpt")]
+    assert sent_backend(acts) == b"", "the RCPT waits for the tarpit"
+    acts = s.sleep_done(SleepResult(Outcome.DISCONNECTED, 31.4), 33.4)
+    assert events(acts) == ["tarpit_lost", "end"]
+    lost = dict(acts[0].fields)
+    assert lost == {"stage": "rcpt", "elapsed": 31.4}
+    assert acts[-1] == Close("tarpit_lost")
+    assert s.phase == "closed"
+
+
+def test_tarpit_survivor_is_relayed_and_early_bytes_logged_then_replayed_in_order():
+    s = started(SUSP)
+    s.client_data(b"HELO bot.example\r\n", 1.0)
+    s.backend_data(b"250 hi\r\n", 1.0)
+    acts = s.client_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n", 2.0)
+    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\n"
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 65.0, b"DATA\r\n", 12.0), 67.0)
+    assert "tarpit_done" in events(acts) and "pipelining" in events(acts)
+    assert sent_backend(acts) == b"RCPT TO:<bob@example.com>\r\nDATA\r\n"
+    out = sent_client(s.backend_data(b"250 ok\r\n250 ok\r\n354 go\r\n", 67.0))
+    assert out == b"250 ok\r\n250 ok\r\n354 go\r\n"
+    assert s.phase == "data_body"
+    s.client_data(b"RCPT TO:<again@example.com>\r\n", 68.0)
+    assert s._tarpitted, "once per connection"
+
+
+def test_local_refusals_keep_reply_order_with_pipelined_commands(tmp_path):
+    lists = make_lists(tmp_path, rcptusers="bob\n")
+    s = started(DEFAULTS["normal"], lists, client=NORMAL)
+    acts = s.client_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<eve@example.com>\r\n"
+                         b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n"
+    assert sent_client(acts) == b"", "550 waits behind the MAIL reply"
+    out = sent_client(s.backend_data(b"250 sender ok\r\n", 2.0))
+    assert out.startswith(b"250 sender ok\r\n550 5.1.1 <eve@example.com>")
+    assert sent_client(s.backend_data(b"250 rcpt ok\r\n", 2.0)) == b"250 rcpt ok\r\n"
+
+
+def test_helo_refused_and_warn_mode_only_logs(tmp_path):
+    lists = make_lists(tmp_path, badheloarg="localhost\n")
+    s = started(DEFAULTS["normal"], lists, client=NORMAL)
+    acts = s.client_data(b"HELO localhost\r\n", 1.0)
+    assert sent_client(acts).startswith(b"553 ") and sent_backend(acts) == b""
+    warn = load_config({"TARPIT_MODE": "warn"}).policy("normal")
+    s = started(warn, lists, client=NORMAL)
+    acts = s.client_data(b"HELO localhost\r\n", 1.0)
+    assert sent_backend(acts) == b"HELO localhost\r\n"
+    [log] = [a for a in acts if isinstance(a, Log)]
+    assert log.event == "helo_reject" and ("mode", "warn") in log.fields
+
+
+def test_drop_action_closes_after_554(tmp_path):
+    lists = make_lists(tmp_path, badheloarg="localhost\n")
+    pol = replace(DEFAULTS["normal"], helo="drop")
+    s = started(pol, lists, client=NORMAL)
+    acts = s.client_data(b"HELO localhost\r\n", 1.0)
+    assert sent_client(acts).startswith(b"554 ") and isinstance(acts[-1], Close)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 8, 13])
+def test_message_bytes_pass_unchanged_whatever_the_chunking(cut):
+    body = b"Subject: x\r\n\r\n.dot\r\n..\r\nend\r\n.\r\n"
+    s = started(DEFAULTS["normal"], client=NORMAL, lists=Lists(None, None))
+    s.client_data(b"DATA\r\n", 1.0)
+    s.backend_data(b"354 go\r\n", 1.0)
+    got = b""
+    for i in range(0, len(body), cut):
+        got += sent_backend(s.client_data(body[i:i + cut], 1.0))
+    assert got == body
+    assert s.phase == "command"
+    assert sent_client(s.backend_data(b"250 queued\r\n", 1.0)) == b"250 queued\r\n"
+
+
+def test_bdat_chunks_pass_unchanged():
+    s = started(DEFAULTS["normal"], client=NORMAL)
+    acts = s.client_data(b"BDAT 5\r\nHELO\nBDAT 0 LAST\r\nNOOP\r\n", 1.0)
+    assert sent_backend(acts) == b"BDAT 5\r\nHELO\nBDAT 0 LAST\r\nNOOP\r\n"
+
+
+def test_error_hard_limit_drops_with_421(tmp_path):
+    lists = make_lists(tmp_path, badheloarg="localhost\n")
+    pol = replace(DEFAULTS["normal"], error_hard_limit=2, error_sleep=0)
+    s = started(pol, lists, client=NORMAL)
+    acts = s.client_data(b"HELO localhost\r\nHELO localhost\r\n", 1.0)
+    out = sent_client(acts)
+    assert out.count(b"553 ") == 2 and out.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
+    assert acts[-1] == Close("too_many_errors")
+
+
+def test_error_sleep_after_soft_limit(tmp_path):
+    lists = make_lists(tmp_path, badheloarg="localhost\n")
+    pol = replace(DEFAULTS["normal"], error_soft_limit=1, error_sleep=2.0)
+    s = started(pol, lists, client=NORMAL)
+    s.client_data(b"HELO localhost\r\n", 1.0)
+    acts = s.client_data(b"HELO mail.example.org\r\n", 1.0)
+    assert [a for a in acts if isinstance(a, Sleep)] == [Sleep(2.0, "error")]
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 2.0), 3.0)
+    assert sent_backend(acts) == b"HELO mail.example.org\r\n"
+
+
+def test_recipient_limit():
+    pol = replace(DEFAULTS["normal"], recipient_limit=1)
+    s = started(pol, client=NORMAL)
+    acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\n", 1.0)
+    assert sent_backend(acts) == b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n"
+    out = sent_client(s.backend_data(b"250 ok\r\n250 ok\r\n", 1.0))
+    assert out == b"250 ok\r\n250 ok\r\n452 4.5.3 Too many recipients\r\n"
+
+
+def test_timeout_and_backend_close():
+    s = started(DEFAULTS["normal"], client=NORMAL)
+    assert s.deadline() == 1000.0 + 300, "idle time counts from the client's last word"
+    acts = s.timeout(1400.0)
+    assert sent_client(acts).startswith(b"421 4.4.2") and isinstance(acts[-1], Close)
+    s = started(DEFAULTS["normal"], client=NORMAL)
+    acts = s.backend_data(b"", 2.0)
+    assert acts[-1] == Close("backend_closed")
+
+
+def test_fail_answers_451_and_logs_one_error():
+    s = started(DEFAULTS["normal"], client=NORMAL)
+    acts = s.fail("internal", "boom")
+    assert sent_client(acts).startswith(b"451 ") and events(acts) == ["error", "end"]
+    assert acts[-1].status == 111
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12))
+def test_any_client_bytes_never_raise_and_reach_the_backend_or_a_reply(chunks):
+    s = started(SUSP)
+    for c in chunks:
+        for a in s.client_data(c, 5.0):
+            if isinstance(a, Sleep):
+                s.sleep_done(SleepResult(Outcome.ELAPSED, a.seconds), 6.0)
+        if s.phase == "closed":
+            break
+
+
+def test_classify_order():
+    from libtarpit.s25r import Verdict
+
+    bad = Verdict(rule=1, allowed_by=None)
+    assert classify("1.2.3.4", "x", relayclient=True, verdict=bad).cls == "trusted"
+    assert classify("1.2.3.4", "x", relayclient=False, verdict=bad).cls == "suspicious"
+    assert classify("1.2.3.4", "x", relayclient=False, verdict=Verdict(1, ".google.com")).cls == "trusted"
+    assert classify("1.2.3.4", "x", relayclient=True, verdict=bad, force_class="suspicious").cls == "suspicious"
+
+
+def test_reply_builders():
+    assert smtp.reply(250, "a", "b") == b"250-a\r\n250 b\r\n"
+    assert smtp.mail_path("FROM:<> SIZE=10") == ""
+    assert smtp.mail_path("TO:<Bob@Example.com>") == "Bob@Example.com"
+    assert smtp.mail_path("garbage") is None
+    assert smtp.printable(b"\x00a\xffb" + b"c" * 200).startswith("?a?b")
