@@ -111,6 +111,8 @@ class Config:
     s25r_extra: bool = False
     rdns: bool = False
     rdns_timeout: float = 2.0
+    rdns_server: str = ""
+    trust_host: bool = True
     greylist_url: str = "/var/lib/tarpit-smtpd/greylist.sqlite"
     greylist_delay: float = 1200.0
     greylist_retries: int = 2
@@ -140,6 +142,8 @@ GLOBAL_ENV: dict[str, str] = {
     "s25r_extra": "TARPIT_S25R_EXTRA",
     "rdns": "TARPIT_RDNS",
     "rdns_timeout": "TARPIT_RDNS_TIMEOUT",
+    "rdns_server": "TARPIT_RDNS_SERVER",
+    "trust_host": "TARPIT_TRUST_HOST",
     "greylist_url": "TARPIT_GREYLIST_URL",
     "greylist_delay": "TARPIT_GREYLIST_DELAY",
     "greylist_retries": "TARPIT_GREYLIST_RETRIES",
@@ -186,6 +190,10 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             raise ValueError(raw)
         if name == "force_class" and value == "":
             return None
+        if name == "rdns_server" and value:
+            from .rdns import parse_server
+
+            parse_server(value)
         return value
     except (TypeError, ValueError):
         hint = f" (one of {', '.join(_CHOICES[name])})" if name in _CHOICES else ""

@@ -165,13 +165,18 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
     control_dir = opts.get("control") or cfg.control
     ip = env.get("TCPREMOTEIP", "")
     host = env.get("TCPREMOTEHOST") or None
-    name_trusted = True
-    if cfg.rdns and host is None and ip:
-        from libtarpit.rdns import confirmed_name
+    # A name from tcpserver is trusted when it ran with -p (TARPIT_TRUST_HOST=1, the default);
+    # with TARPIT_RDNS=1 we confirm the name ourselves when it is missing or not trusted.
+    name_trusted = cfg.trust_host
+    if cfg.rdns and ip and (host is None or not name_trusted):
+        from libtarpit.rdns import confirmed_name, parse_server
 
-        host, err = confirmed_name(ip, cfg.rdns_timeout)
+        servers, port = parse_server(cfg.rdns_server) if cfg.rdns_server else (None, 53)
+        host, err = confirmed_name(ip, cfg.rdns_timeout, nameservers=servers, port=port)
+        name_trusted = True
         if err:
             log.event("error", what="rdns", detail=err)
+        log.update(host=host or "-")
     try:
         allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
         verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)

@@ -1,0 +1,219 @@
+"""Forward-confirmed reverse DNS: the client's name, only if it resolves back to the client.
+
+Public names:
+  confirmed_name  PTR of an IP, kept only when the name's A/AAAA includes that IP -> (name, error)
+  parse_server    "host" / "host:port" / "[v6]:port" -> (nameservers, port) for confirmed_name
+
+Under `tcpserver -H` TCPREMOTEHOST is never set, so every client would look
+like S25R rule 0 ("no reverse name").  With TARPIT_RDNS=1 the wrapper calls
+`confirmed_name` itself.  It does what `tcpserver -h -p` (paranoid) does: a PTR
+name is believed only when one of the addresses it resolves to is the client's
+own, because whoever controls an IP's reverse zone can name it
+`mail-x.google.com`.
+
+DNS trouble never raises: a lookup that could not finish within `timeout`
+seconds (one deadline shared by the PTR query and every forward query) returns
+`(None, "timeout")`, and the caller treats the client as having no name.
+dnspython is imported inside the functions so a wrapper with TARPIT_RDNS unset
+does not pay for it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from typing import Any
+
+__all__ = ["confirmed_name", "parse_server"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def confirmed_name(ip: str, timeout: float, *, nameservers: list[str] | None = None,
+                   port: int = 53) -> tuple[str | None, str | None]:
+    """Return (name, error) for the client address `ip`.
+
+    name: the first PTR name of `ip` (lowercase, no trailing dot) whose A
+    records (AAAA for an IPv6 `ip`) include `ip`; None when there is no PTR,
+    the PTR names do not resolve back, or the lookup failed.  An IPv4-mapped
+    IPv6 address (::ffff:a.b.c.d) is looked up as the IPv4 address.
+    error: None when the DNS answered (NXDOMAIN and "not confirmed" included);
+    otherwise a short token ("timeout", "servfail", "refused", "unreachable",
+    "badresponse", "noconfig", ...) and name is None.
+
+    The whole lookup ends within about `timeout` seconds; `timeout <= 0`
+    returns (None, "timeout") without a query.  `nameservers` (IP addresses)
+    and `port` replace the system resolver configuration (/etc/resolv.conf).
+    Raises ValueError when `ip` is not an IP address, `timeout` is NaN or
+    infinite, or `nameservers` holds something that is not an address (see
+    parse_server); never raises for DNS trouble.
+    """
+    addr = _client_address(ip)
+    if math.isnan(timeout) or math.isinf(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
+    if timeout <= 0:
+        return None, "timeout"
+    deadline = time.monotonic() + timeout
+    resolver, error = _resolver(timeout, nameservers, port)
+    if error:
+        return None, error
+    names, error = _ptr_names(resolver, addr, deadline)
+    if error:
+        return None, error
+    first_error = None
+    for name in names:
+        ok, error = _resolves_to(resolver, name, addr, deadline)
+        if ok:
+            return _text(name), None
+        first_error = first_error or error
+    return None, first_error
+
+
+def parse_server(text: str) -> tuple[list[str], int]:
+    """Return ([host], port) from "host", "host:port", "[v6]" or "[v6]:port"; port defaults to 53.
+
+    A bare IPv6 address without brackets ("::1") is taken whole, port 53.
+    Raises ValueError when host is not an IP address (a name would need DNS to
+    find the DNS server) or port is not 1-65535.
+    """
+    text = text.strip()
+    host, port_text = _split_host_port(text)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"DNS server must be an IP address: {text!r}") from None
+    port = 53
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"bad DNS server port: {text!r}")
+        port = int(port_text)
+    return [host], port
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad DNS server: {text!r}")
+        return host, rest[1:] if rest else None
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return host, port_text
+    return text, None
+
+
+def _client_address(ip: str) -> IPAddress:
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except (ValueError, AttributeError):
+        raise ValueError(f"not an IP address: {ip!r}") from None
+    if isinstance(addr, ipaddress.IPv6Address):
+        # tcpserver on a dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d;
+        # their PTR lives in in-addr.arpa and the name has A records, not AAAA.
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
+        return ipaddress.IPv6Address(int(addr))  # drop any %scope
+    return addr
+
+
+def _resolver(timeout: float, nameservers: list[str] | None, port: int) -> tuple[Any, str | None]:
+    import dns.exception
+    import dns.resolver
+
+    try:
+        resolver = dns.resolver.Resolver(configure=nameservers is None)
+    except (dns.exception.DNSException, OSError) as e:
+        # a missing or empty /etc/resolv.conf is the host's DNS trouble, not a bug
+        return None, _error_token(e)
+    if nameservers is not None:
+        resolver.nameservers = list(nameservers)
+        resolver.port = port
+    resolver.lifetime = timeout
+    resolver.cache = None
+    return resolver, None
+
+
+def _ptr_names(resolver: Any, addr: IPAddress, deadline: float) -> tuple[list[Any], str | None]:
+    import dns.rdatatype
+    import dns.reversename
+
+    answer, error = _query(resolver, dns.reversename.from_address(str(addr)),
+                           dns.rdatatype.PTR, deadline)
+    if answer is None:
+        return [], error
+    names = []
+    for rr in answer:
+        if rr.target not in names and len(rr.target) > 1:  # skip a PTR to the root "."
+            names.append(rr.target)
+    return names, None
+
+
+def _resolves_to(resolver: Any, name: Any, addr: IPAddress, deadline: float) -> tuple[bool, str | None]:
+    import dns.rdatatype
+
+    rdtype = dns.rdatatype.A if addr.version == 4 else dns.rdatatype.AAAA
+    answer, error = _query(resolver, name, rdtype, deadline)
+    if answer is None:
+        return False, error
+    return any(_same(rr.address, addr) for rr in answer), None
+
+
+def _same(text: str, addr: IPAddress) -> bool:
+    try:
+        return ipaddress.ip_address(text) == addr
+    except ValueError:
+        return False
+
+
+def _query(resolver: Any, qname: Any, rdtype: Any, deadline: float) -> tuple[Any, str | None]:
+    """One query within what is left of the deadline: (rrset or None, error token or None)."""
+    import dns.exception
+    import dns.resolver
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None, "timeout"
+    try:
+        # qname is absolute (a reverse name or a PTR target), so no search list applies.
+        answer = resolver.resolve(qname, rdtype, lifetime=remaining, raise_on_no_answer=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return None, None
+    except dns.exception.DNSException as e:
+        return None, _error_token(e)
+    except (OSError, ValueError) as e:
+        return None, _error_token(e)
+    return answer.rrset, None
+
+
+def _error_token(e: BaseException) -> str:
+    import dns.exception
+    import dns.resolver
+
+    if isinstance(e, dns.exception.Timeout):
+        return "timeout"
+    if isinstance(e, dns.resolver.NoResolverConfiguration):
+        return "noconfig"
+    if isinstance(e, dns.resolver.NoNameservers):
+        return _nameserver_error(e.kwargs.get("errors") or [])
+    if isinstance(e, dns.resolver.YXDOMAIN):
+        return "yxdomain"
+    if isinstance(e, OSError):
+        return "unreachable"
+    return "dnserror"
+
+
+def _nameserver_error(errors: list[tuple[Any, ...]]) -> str:
+    """The last server's complaint: its rcode ("servfail", "refused") or what went wrong on the wire."""
+    if not errors:
+        return "servfail"
+    err = errors[-1][3]
+    if isinstance(err, str):
+        return err.lower()
+    if isinstance(err, OSError):
+        return "unreachable"
+    return "badresponse"
+
+
+def _text(name: Any) -> str:
+    return name.to_text(omit_final_dot=True).lower()

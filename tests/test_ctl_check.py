@@ -1,0 +1,50 @@
+"""tarpitctl check: what a postmaster sees before turning the wrapper on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+
+def check(tmp_path, *args, env=None):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TARPIT")}
+    full.update(TARPIT_CONTROL=str(tmp_path), TARPIT_GREYLIST_URL=str(tmp_path / "g.sqlite"))
+    full.update(env or {})
+    return subprocess.run(["tarpitctl", "check", *args], capture_output=True, text=True, env=full)
+
+
+def test_defaults_show_each_class_and_its_path(tmp_path):
+    (tmp_path / "s25r-allow").write_text(".google.com\n")
+    out = check(tmp_path, "--tcpserver=-vRl0 -hp")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "class trusted    exec fast path" in out.stdout
+    assert "class normal     exec fast path" in out.stdout, "no lists: nothing to check for normal clients"
+    assert "tarpit 65 s at RCPT (enforce); greylist targrey" in out.stdout
+    assert "reachable, 0 records" in out.stdout
+
+
+def test_warn_mode_and_lists_move_normal_clients_to_the_proxy(tmp_path):
+    (tmp_path / "badheloarg").write_text("localhost\n")
+    out = check(tmp_path, "--no-store", env={"TARPIT_MODE": "warn"})
+    assert "mode=warn" in out.stdout
+    assert "tarpit 65 s at RCPT (warn)" in out.stdout
+    assert "class normal     proxy" in out.stdout and "badheloarg on (warn)" in out.stdout
+    assert out.returncode == 1, "missing s25r-allow is a warning"
+
+
+def test_minus_H_is_warned_about(tmp_path):
+    out = check(tmp_path, "--no-store", "--tcpserver=-vRHl0")
+    assert "WARNING  tcpserver -H" in out.stdout and out.returncode == 1
+    out = check(tmp_path, "--no-store", "--tcpserver=-vRHl0", env={"TARPIT_RDNS": "1"})
+    assert "WARNING  tcpserver -H" not in out.stdout
+
+
+def test_corrupt_list_is_111_and_bad_config_is_100(tmp_path):
+    (tmp_path / "rcptusers.cdb").write_bytes(b"not a cdb at all")
+    out = check(tmp_path, "--no-store")
+    assert out.returncode == 111 and "ERROR" in out.stdout and "451" in out.stdout
+    out = check(tmp_path, env={"TARPIT": "soon"})
+    assert out.returncode == 100 and "$TARPIT" in out.stderr
+    (tmp_path / "tarpit.toml").write_text("[suspicious]\ntarpit = 30\nbogus = 1\n")
+    out = check(tmp_path)
+    assert out.returncode == 100 and "unknown key [suspicious] bogus" in out.stderr

@@ -1,0 +1,142 @@
+"""tarpitctl check: validate configuration and control files, show what each class gets.
+
+Reads the same sources the wrapper reads (environment, tarpit.toml, control
+directory), so running it with the environment of the tcpserver run file
+shows what clients will get.  Exit 0 when all is well, 1 when there are
+warnings, 100 for a configuration error, 111 when a control list or the
+greylist store cannot be read (the wrapper would answer 451 / fail open).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+LISTS = ("s25r-allow", "badheloarg", "rcptusers")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `tarpitctl check`."""
+    parser.add_argument("--control", help="control directory (default $TARPIT_CONTROL or /var/qmail/control)")
+    parser.add_argument("--config", help="tarpit.toml (default $TARPIT_CONFIG or CONTROL/tarpit.toml)")
+    parser.add_argument("--no-store", action="store_true", help="do not try the greylist store")
+    parser.add_argument("--tcpserver", metavar="OPTIONS",
+                        help="the tcpserver options of your run file (e.g. '-vRHl0') to check for -H and -p")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; return the exit status described in the module docstring."""
+    from libtarpit.config import CLASSES, ConfigError, load_config
+
+    env = dict(os.environ)
+    control = args.control or env.get("TARPIT_CONTROL") or "/var/qmail/control"
+    cfg_path = args.config or env.get("TARPIT_CONFIG")
+    if cfg_path is None and os.path.exists(os.path.join(control, "tarpit.toml")):
+        cfg_path = os.path.join(control, "tarpit.toml")
+    try:
+        text = open(cfg_path, encoding="utf-8").read() if cfg_path else None
+        cfg = load_config(env, text, cfg_path or "tarpit.toml")
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        print(f"tarpitctl: {e}", file=sys.stderr)
+        return 100
+    control = args.control or cfg.control
+    print(f"configuration  {cfg_path or '(built-in defaults, no tarpit.toml)'}; mode={cfg.mode}")
+    warnings, broken = 0, 0
+    if not os.path.isdir(control):
+        print(f"WARNING  control directory {control} does not exist: every list check is off")
+        warnings += 1
+    present = {}
+    for name in LISTS:
+        state, ok, warn = describe_list(control, name)
+        present[name] = ok
+        broken += state.startswith("ERROR")
+        warnings += warn
+        print(f"list {name:<11} {state}")
+    warnings += check_tcpserver(args.tcpserver, cfg.rdns)
+    for cls in CLASSES:
+        print(describe_class(cls, cfg.policy(cls), present))
+    if any(cfg.policy(c).greylist != "off" for c in CLASSES) and not args.no_store:
+        broken += check_store(cfg)
+    if broken:
+        return 111
+    return 1 if warnings else 0
+
+
+def check_tcpserver(options: str | None, rdns: bool) -> int:
+    """Print what the tcpserver flags mean for S25R; return the number of warnings."""
+    flags = "".join(w[1:] for w in (options or "").split() if w.startswith("-") and not w.startswith("--"))
+    if options is None:
+        print("note     tcpserver must look names up (-h, the default) for S25R; under -H every client\n"
+              "         looks like rule 0 unless TARPIT_RDNS=1. Pass --tcpserver '<options>' to check.")
+        return 0
+    warn = 0
+    if "H" in flags.split("h")[-1] and not rdns:
+        print("WARNING  tcpserver -H: no reverse lookups, so every client looks like S25R rule 0 (no name).\n"
+              "         Use -hp, or set TARPIT_RDNS=1 so tarpit-smtpd looks names up itself.")
+        warn += 1
+    if "p" not in flags.split("P")[-1] and not rdns:
+        print("WARNING  tcpserver without -p: reverse names are not forward-confirmed, so anyone who controls\n"
+              "         an IP's PTR can claim an allow-listed name such as mail-x.google.com. Use -hp.")
+        warn += 1
+    return warn
+
+
+def describe_list(control: str, name: str) -> tuple[str, bool, int]:
+    """Return (text, present, warnings) for one control list."""
+    from libtarpit.errors import ControlError
+
+    path = os.path.join(control, name)
+    try:
+        if name == "s25r-allow":
+            from libtarpit.s25r import AllowList
+
+            if not os.path.exists(path):
+                return "absent: S25R without allow-list (big senders may be tarpitted)", False, 1
+            return f"{len(AllowList.load(path))} entries ({path})", True, 0
+        from libtarpit.control import ControlList, stale_cdb
+
+        lst = ControlList.load(control, name)
+        if lst is None:
+            return "absent: no check", False, 0
+        stale = stale_cdb(control, name)
+        note = "  WARNING: the text file is newer than the .cdb: run tarpitctl cdb" if stale else ""
+        return f"{len(lst)} keys ({lst.path}){note}", True, int(bool(stale))
+    except ControlError as e:
+        return f"ERROR {e} (clients would get 451)", False, 0
+
+
+def describe_class(cls: str, pol, present: dict[str, bool]) -> str:
+    """One paragraph: what a client of class `cls` gets."""
+    helo = pol.helo_check and present["badheloarg"]
+    rcpt = pol.rcpt_check and present["rcptusers"]
+    proxy = pol.needs_proxy or helo or rcpt
+    parts = [f"greet pause {pol.greet_pause:g} s"]
+    if pol.tarpit > 0 and pol.tarpit_action != "ignore":
+        parts.append(f"tarpit {pol.tarpit:g} s at {pol.tarpit_stage.upper()} ({pol.tarpit_action})")
+    parts.append(f"greylist {pol.greylist}")
+    parts.append(f"badheloarg {'on (' + pol.helo + ')' if helo else 'off'}")
+    parts.append(f"rcptusers {'on (' + pol.rcpt + ')' if rcpt else 'off'}")
+    if proxy:
+        parts.append(f"idle timeout {pol.idle_timeout:g} s, errors sleep {pol.error_sleep:g} s after "
+                     f"{pol.error_soft_limit}, drop at {pol.error_hard_limit}, "
+                     f"{pol.recipient_limit} recipients, PIPELINING {'hidden' if pol.hide_pipelining else 'kept'}")
+    path = "proxy (relayed through tarpit-smtpd)" if proxy else "exec fast path (no process of ours stays)"
+    return f"class {cls:<10} {path}\n    " + "; ".join(parts)
+
+
+def check_store(cfg) -> int:
+    """Try the greylist store once; print the result; return 1 if it failed."""
+    import time
+
+    from libtarpit import greylist
+    from libtarpit.errors import StoreError
+
+    try:
+        store = greylist.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout)
+        n = len(store.records(time.time()))
+        print(f"greylist store {cfg.greylist_url}: reachable, {n} records")
+        return 0
+    except StoreError as e:
+        print(f"greylist store {cfg.greylist_url}: ERROR {e} (the wrapper fails open: mail passes)")
+        return 1
