@@ -80,7 +80,7 @@ class Lists(NamedTuple):
 class GreylistPort(Protocol):
     """What the session needs of libtarpit.greylist.Greylist."""
 
-    def check(self, client: str, sender: str, rcpt: str, now: float) -> Any: ...
+    def check(self, client: str, sender: str, rcpt: str, now: float, *, suspicious: bool = True) -> Any: ...
     def tarpit_lost(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
     def tarpit_passed(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
     def delivered(self, client: str, now: float) -> None: ...
@@ -492,7 +492,10 @@ class Session:
         if self.greylist is None or self.policy.greylist == "off":
             return None
         try:
-            return self.greylist.check(self.client.key, self._txn.sender or "", rcpt, now)
+            # a normal client under "greylist" gets postgrey's plain triplet greylist
+            plain = self.client.cls != "suspicious" and self.policy.greylist == "greylist"
+            return self.greylist.check(self.client.key, self._txn.sender or "", rcpt, now,
+                                       suspicious=not plain)
         except Exception as e:  # fail open: a broken store must not cost mail
             self._log("error", what="greylist", detail=smtp.printable(str(e)))
             return None

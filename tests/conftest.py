@@ -93,17 +93,19 @@ def tarpit_server(tmp_path):
 
     def start(rules: str, command: list[str] | None = None, env: dict[str, str] | None = None,
               control_files: dict[str, str] | None = None) -> Server:
-        control = tmp_path / "control"
-        control.mkdir(exist_ok=True)
+        base = tmp_path / f"server{len(started)}"  # several servers in one test (two MX hosts)
+        base.mkdir()
+        control = base / "control"
+        control.mkdir()
         for name, text in (control_files or {}).items():
             (control / name).write_text(text)
-        state = tmp_path / "state"
+        state = base / "state"
         state.mkdir(exist_ok=True)
-        maildir = tmp_path / "Maildir"
-        rules_txt = tmp_path / "rules"
+        maildir = base / "Maildir"
+        rules_txt = base / "rules"
         rules_txt.write_text(rules.strip() + "\n:allow\n")
         with open(rules_txt) as f:
-            subprocess.run(["tcprules", str(tmp_path / "rules.cdb"), str(tmp_path / "rules.tmp")],
+            subprocess.run(["tcprules", str(base / "rules.cdb"), str(base / "rules.tmp")],
                            stdin=f, check=True)
         port = free_port()
         if command is None:
@@ -112,12 +114,13 @@ def tarpit_server(tmp_path):
                         TARPIT_GREYLIST_URL=str(state / "greylist.sqlite"))
         full_env.pop("TARPIT_CONFIG", None)
         full_env.update(env or {})
-        logfile = tmp_path / "server.log"
+        logfile = base / "server.log"
         log = open(logfile, "ab")
+        started.append(None)  # reserve the number before starting
         proc = subprocess.Popen(
-            ["tcpserver", "-vRHl0", "-x", str(tmp_path / "rules.cdb"), "127.0.0.1", str(port), *command],
+            ["tcpserver", "-vRHl0", "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command],
             stdout=log, stderr=log, env=full_env, start_new_session=True)
-        started.append(proc)
+        started[-1] = proc
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if b"status: 0/" in logfile.read_bytes():
