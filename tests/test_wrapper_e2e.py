@@ -280,3 +280,21 @@ def test_error_limit_drops_the_client(tarpit_server):
     got += sock.recv(1000)
     assert got.count(b"553 ") == 3 and b"421 4.7.0" in got
     assert server.events("end")[-1]["reason"] == "too_many_errors"
+
+
+def test_warn_mode_logs_every_decision_and_enforces_none(tarpit_server):
+    rules = RULES.replace('TARPIT="3"', 'TARPIT="30",TARPIT_MODE="warn",TARPIT_GREYLIST="targrey"')
+    server = tarpit_server(rules, control_files={"badheloarg": "localhost\n", "rcptusers": "bob\n"})
+    t = time.monotonic()
+    with smtp_from(server, BOT) as s:
+        assert s.ehlo("localhost")[0] == 250
+        s.mail("x@example.org")
+        assert s.rcpt("nobody@example.com")[0] == 250
+        assert s.rcpt("bob@example.com")[0] == 250
+        s.data(b"Subject: warn\r\n\r\nmeasured, not refused\r\n")
+    assert time.monotonic() - t < 10, "no 30 s tarpit in warn mode"
+    warned = {e["event"] for e in server.events() if e.get("mode") == "warn"}
+    assert {"helo_reject", "tarpit_start", "rcpt_reject"} <= warned
+    assert len(server.messages()) == 1
+    out = subprocess.run(["tarpitctl", "stats", str(server.logfile)], capture_output=True, text=True)
+    assert "would tarpit" in out.stdout and "would refuse HELO" in out.stdout
