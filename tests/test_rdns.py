@@ -278,3 +278,20 @@ def test_parse_server_rejects(bad):
 def test_parse_server_result_drives_a_lookup(dnsmasq):
     nameservers, port = parse_server(f"127.0.0.1:{dnsmasq}")
     assert confirmed_name("127.0.0.2", 5.0, nameservers=nameservers, port=port) == ("mail.example.test", None)
+
+
+def test_wrapper_looks_names_up_itself_under_tcpserver_minus_H(dnsmasq, tarpit_server):
+    """tcpserver -H gives no TCPREMOTEHOST; TARPIT_RDNS=1 makes the wrapper ask DNS, forward-confirmed."""
+    env = {"TARPIT_RDNS": "1", "TARPIT_RDNS_SERVER": f"127.0.0.1:{dnsmasq}", "TARPIT_GREYLIST": "off",
+           "TARPIT": "1"}
+    server = tarpit_server("", env=env, control_files={"s25r-allow": ".google.com\n"})
+    for src in ("127.0.0.2", "127.0.0.3"):
+        sock = server.connect(src)
+        assert sock.recv(1000).startswith(b"220")
+        sock.close()
+        server.wait_log(rf"ip={src.replace('.', '[.]')} .*event=(exec|end)")
+    by_ip = {e["ip"]: e for e in server.events("connect")}
+    assert by_ip["127.0.0.2"]["host"] == "mail.example.test" and by_ip["127.0.0.2"]["class"] == "normal"
+    spoofed = by_ip["127.0.0.3"]
+    assert spoofed["host"] == "-", "a PTR that does not resolve back is no name"
+    assert spoofed["class"] == "suspicious" and spoofed["rule"] == "0", "the forged google name is not allow-listed"
