@@ -366,13 +366,15 @@ def rcpt_candidates(address: str) -> list[str]:
 def rcpt_valid(address: str, rcptusers: ControlList | None) -> bool:
     """Return True when rcptusers accepts the RCPT path `address` (without < >).
 
-    None (no list) accepts everyone.  The null path "" is never a recipient.
+    None (no list) accepts everyone; "postmaster" at any domain is always accepted
+    (RFC 5321 4.5.1).  The null path "" is never a recipient.
     Lookup order: see rcpt_candidates.  Never raises.
     """
-    if _split_address(address) == ("", ""):
+    local, _domain = _split_address(address)
+    if (local, _domain) == ("", ""):
         return False
-    if rcptusers is None:
-        return True
+    if rcptusers is None or local.lower() == "postmaster":
+        return True  # RFC 5321 4.5.1: postmaster must always be accepted
     return any(c in rcptusers for c in rcpt_candidates(address))
 
 

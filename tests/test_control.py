@@ -532,3 +532,11 @@ def test_cli_usage_errors_exit_100(tmp_path):
     src = write(tmp_path / "badheloarg", "localhost\n")
     r = tarpitctl("cdb", str(src), "-o", str(src))
     assert r.returncode == 100 and src.read_text() == "localhost\n"
+
+
+def test_postmaster_is_always_a_valid_recipient(tmp_path):
+    (tmp_path / "rcptusers").write_text("bob\n")
+    lst = control.ControlList.load(str(tmp_path), "rcptusers")
+    assert control.rcpt_valid("PostMaster@example.com", lst)
+    assert control.rcpt_valid("postmaster", lst)
+    assert not control.rcpt_valid("postmaster-x@example.com", lst)
