@@ -535,6 +535,8 @@ def test_cli_usage_errors_exit_100(tmp_path):
 
 
 def test_postmaster_is_always_a_valid_recipient(tmp_path):
+    from libtarpit import control
+
     (tmp_path / "rcptusers").write_text("bob\n")
     lst = control.ControlList.load(str(tmp_path), "rcptusers")
     assert control.rcpt_valid("PostMaster@example.com", lst)
