@@ -595,7 +595,8 @@ class Session:
         if p.kind == "banner":
             self._goto("banner")
         elif p.kind == "ehlo" and self.policy.hide_pipelining and r.code == 250:
-            raw = smtp.drop_extension(r, b"PIPELINING")
+            # PIPECONNECT (exim) presumes PIPELINING, so it goes too
+            raw = smtp.drop_extension(r, b"PIPELINING", b"PIPECONNECT")
         elif p.kind == "data":
             self._goto("go" if r.code == 354 else "no")
             self._data_tail = b"\n"

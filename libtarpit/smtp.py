@@ -9,7 +9,7 @@ Public names:
   ReplyParser     feed backend bytes, take complete Replies
   reply           build reply bytes from a code and text lines
   mail_path       the address inside MAIL FROM:<...> / RCPT TO:<...>
-  drop_extension  an EHLO reply without one extension keyword (e.g. PIPELINING)
+  drop_extension  an EHLO reply without some extension keywords (e.g. PIPELINING)
   printable       cap and escape client text before it is echoed anywhere
 """
 
@@ -189,12 +189,12 @@ def mail_path(arg: str) -> str | None:
     return token or None
 
 
-def drop_extension(r: Reply, keyword: bytes) -> bytes:
-    """Return the raw bytes of EHLO reply `r` without the line advertising `keyword`.
+def drop_extension(r: Reply, *keywords: bytes) -> bytes:
+    """Return the raw bytes of EHLO reply `r` without the lines advertising any of `keywords`.
 
     The continuation markers are rebuilt so the last line keeps "ddd ".
     """
-    kept = [ln for ln in r.lines[1:] if ln[4:].strip().split(b" ")[0].upper() != keyword]
+    kept = [ln for ln in r.lines[1:] if ln[4:].strip().split(b" ")[0].upper() not in keywords]
     lines = [r.lines[0]] + kept
     code = str(r.code).encode()
     out = []
