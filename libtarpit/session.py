@@ -463,8 +463,9 @@ class Session:
                 return self._drop()
             if action == "enforce":
                 wait = int(decision.retry_after or 0)
+                when = f"in {wait} seconds" if wait > 0 else "later"
                 return self._local(smtp.reply(
-                    450, f"4.7.1 <{smtp.printable(rcpt)}>: Greylisted, please try again in {wait} seconds"),
+                    450, f"4.7.1 <{smtp.printable(rcpt)}>: Greylisted, please try again {when}"),
                     error=True)
         elif decision is not None and decision.action == "pass":
             self._log("greylist_pass", reason=decision.reason)
