@@ -153,6 +153,8 @@ GLOBAL_ENV: dict[str, str] = {
     "greylist_timeout": "TARPIT_GREYLIST_TIMEOUT",
 }
 
+_POSITIVE = {"greylist_expire", "greylist_timeout", "greylist_delay"}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("enforce", "warn"),
     "force_class": CLASSES,
@@ -177,7 +179,7 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             raise ValueError(raw)
         if kind in (float, "float"):
             value = float(raw)
-            if not value >= 0 or value == float("inf"):
+            if not value >= 0 or value == float("inf") or (value == 0 and name in _POSITIVE):
                 raise ValueError(raw)
             return value
         if kind in (int, "int"):
@@ -186,10 +188,10 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
                 raise ValueError(raw)
             return value
         value = str(raw).strip()
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise ValueError(raw)
         if name == "force_class" and value == "":
             return None
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(raw)
         if name == "rdns_server" and value:
             from .rdns import parse_server
 

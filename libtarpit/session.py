@@ -157,6 +157,7 @@ class LocalError(RuntimeError):
     """The driver or the session itself broke the state machine (our bug)."""
 
 
+BACKEND_WAIT = 3600.0  # longest we wait for a reply the backend owes (its own timeouts come first)
 TEMPFAIL = smtp.reply(451, "4.3.0 Temporary local problem, please try again later")
 TIMEOUT = smtp.reply(421, "4.4.2 Timeout, closing connection")
 TOO_MANY_ERRORS = smtp.reply(421, "4.7.0 Too many errors, closing connection")
@@ -285,10 +286,17 @@ class Session:
         return self._flush()
 
     def deadline(self) -> float | None:
-        """Time after which `timeout()` is due, or None while sleeping/closed."""
-        if self.phase in ("sleeping", "closed"):
+        """Time after which `timeout()` is due, or None while sleeping/closed.
+
+        The idle timeout is the client's: while the backend owes a reply (a slow
+        content filter at end of DATA) we wait up to BACKEND_WAIT instead, so a
+        message the backend may already have queued is not cut off and resent.
+        """
+        if self.phase in ("sleeping", "closed") or self.policy.idle_timeout <= 0:
             return None
-        return self._last + self.policy.idle_timeout if self.policy.idle_timeout > 0 else None
+        if any(p.local is None for p in self._queue):
+            return self._last + max(self.policy.idle_timeout, BACKEND_WAIT)
+        return self._last + self.policy.idle_timeout
 
     # --- plumbing ----------------------------------------------------------
 

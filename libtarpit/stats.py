@@ -20,7 +20,8 @@ Public names:
 
 Counting rules (seed 000): a tarpitted connection counts at most once; one
 that pipelined counts as PL at its first `pipelining` elapsed, otherwise its
-first `tarpit_lost` counts as LC.  Lines with mode=warn never count as LC/PL
+first `tarpit_lost` counts as LC.  A tarpit_lost with mode=warn never counts; a pipelining
+line counts whatever its mode (its default action is warn: it is logged during a real tarpit)
 or in the funnel; they are counted by warn_counts instead.
 """
 
@@ -261,9 +262,16 @@ def _enforced(event: Event) -> bool:
 def _giveups(events: Iterable[Event]) -> tuple[list[float], list[float]]:
     pipelined: dict[ConnKey, float] = {}
     lost: dict[ConnKey, float] = {}
+    tarpitted: set[ConnKey] = set()
     for index, event in enumerate(events):
         name = event.get("event")
-        if name not in ("pipelining", "tarpit_lost") or not _enforced(event):
+        if name == "tarpit_start" and _enforced(event):
+            tarpitted.add(_conn_key(event, index))
+        # pipelining's default action is warn (log only): its mode=warn line still counts
+        # when the connection was really tarpitted; a warn-mode tarpit_lost never does
+        if name == "pipelining" and not _enforced(event) and _conn_key(event, index) not in tarpitted:
+            continue
+        if name not in ("pipelining", "tarpit_lost") or (name == "tarpit_lost" and not _enforced(event)):
             continue
         seconds = _seconds(event.get("elapsed"))
         if seconds is None:

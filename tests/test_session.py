@@ -258,3 +258,12 @@ def test_reply_builders():
     assert smtp.mail_path("TO:<Bob@Example.com>") == "Bob@Example.com"
     assert smtp.mail_path("garbage") is None
     assert smtp.printable(b"\x00a\xffb" + b"c" * 200).startswith("?a?b")
+
+
+def test_idle_timeout_does_not_cut_off_a_slow_backend_reply():
+    s = started(replace(DEFAULTS["normal"], idle_timeout=60), client=NORMAL)
+    assert s.deadline() == 1000.0 + 60
+    s.client_data(b"DATA\r\n", 1010.0)
+    assert s.deadline() >= 1010.0 + 3600, "the backend owes the 354"
+    s.backend_data(b"354 go\r\n", 1011.0)
+    assert s.deadline() == 1010.0 + 60, "now it is the client's turn again"

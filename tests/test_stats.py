@@ -326,3 +326,18 @@ def test_tai64n_label():
     assert parse_tai64n("400000006553f1000000000a") == pytest.approx(0x6553F100 - 10, abs=1e-6)
     with pytest.raises(ValueError):
         parse_tai64n("@4000zz")
+
+
+def test_pipelining_logged_in_its_default_warn_mode_counts_as_pl():
+    from libtarpit.log import parse_line
+    from libtarpit.stats import giveup_table
+
+    lines = [
+        "tarpit-smtpd conn=a pid=1 event=tarpit_start stage=rcpt seconds=65",
+        "tarpit-smtpd conn=a pid=1 event=pipelining mode=warn stage=rcpt elapsed=12.0 bytes=6",
+        "tarpit-smtpd conn=a pid=1 event=tarpit_lost stage=rcpt elapsed=30.0",
+        "tarpit-smtpd conn=b pid=2 event=tarpit_lost mode=warn stage=rcpt elapsed=3.0",
+    ]
+    table = giveup_table([parse_line(x) for x in lines])
+    assert table.total == 1
+    assert [(r.bucket, r.lc, r.pl) for r in table.rows] == [(0, 0, 0), (10, 0, 1)]

@@ -149,7 +149,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
     from libtarpit.errors import ControlError
     from libtarpit.session import Lists, Session, classify
 
-    cfg_path = opts.get("config") or env.get("TARPIT_CONFIG")
+    cfg_path = opts.get("config") or env.get("TARPIT_CONFIG") or None
     toml_text = None
     try:
         if cfg_path is None:
