@@ -343,17 +343,16 @@ class Session:
     def _greet_done(self, result: SleepResult) -> None:
         if result.disconnected and not result.early:
             self._log("greet_lost", elapsed=result.elapsed)
-            self.phase = "closed"
-            self._out.append(Close("greet_lost"))
+            self._close("greet_lost")
             return
         if result.early:
             action = self._warn_or("pregreet", "pregreet", elapsed=result.early_at or 0.0,
                                    bytes=len(result.early))
             if action in ("enforce", "drop") or result.disconnected:
-                if not result.disconnected:
+                # enforce answers 554; drop hangs up without a word (seed 004)
+                if action == "enforce" and not result.disconnected:
                     self._out.append(SendClient(PREGREET))
-                self.phase = "closed"
-                self._out.append(Close("pregreet"))
+                self._close("pregreet")
                 return
         self._begin(result.early)
 
@@ -527,7 +526,10 @@ class Session:
         self._tarpitted = True
         stage = self.policy.tarpit_stage
         action = self._warn_or("tarpit", "tarpit_start", stage=stage, seconds=self.policy.tarpit)
-        if action not in ("enforce", "drop"):
+        if action == "drop":  # no hold at all: refuse and hang up (for a site under load)
+            self._drop()
+            return True
+        if action != "enforce":
             return False
         self._held = raw
         self._already_buffered = len(self._in) > 0
@@ -611,6 +613,7 @@ class Session:
             self._data_tail = b"\n"
         elif p.kind in ("dot", "bdat_last") and r.positive:
             self._txn = _Txn()
+            self.errors = 0  # as Postfix: a delivered message resets the error counter (seed 002)
             self._greylist_call("delivered", now)
         self._out.append(SendClient(raw))
         if r.code >= 400 and p.kind != "banner":

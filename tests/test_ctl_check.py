@@ -48,3 +48,17 @@ def test_corrupt_list_is_111_and_bad_config_is_100(tmp_path):
     (tmp_path / "tarpit.toml").write_text("[suspicious]\ntarpit = 30\nbogus = 1\n")
     out = check(tmp_path)
     assert out.returncode == 100 and "unknown key [suspicious] bogus" in out.stderr
+
+
+def test_tarpitctl_reads_the_same_tarpit_toml_as_the_wrapper(tmp_path):
+    store = tmp_path / "from-toml.sqlite"
+    (tmp_path / "tarpit.toml").write_text(f'greylist_url = "{store}"\ns25r_extra = true\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARPIT")}
+    env["TARPIT_CONTROL"] = str(tmp_path)
+    done = subprocess.run(["tarpitctl", "greylist", "whitelist-add", "192.0.2.1"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert store.exists(), "the store named in tarpit.toml was used"
+    done = subprocess.run(["tarpitctl", "s25r", "mail.dynamic.example.net"], env=env,
+                          capture_output=True, text=True)
+    assert done.stdout.strip().split("\t")[1:] == ["match", "rule=7"], "s25r_extra from tarpit.toml"

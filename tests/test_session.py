@@ -267,3 +267,30 @@ def test_idle_timeout_does_not_cut_off_a_slow_backend_reply():
     assert s.deadline() >= 1010.0 + 3600, "the backend owes the 354"
     s.backend_data(b"354 go\r\n", 1011.0)
     assert s.deadline() == 1010.0 + 60, "now it is the client's turn again"
+
+
+def test_drop_actions_for_pregreet_and_tarpit():
+    pol = replace(DEFAULTS["normal"], greet_pause=1.0, pregreet="drop")
+    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s.start()
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 1.0, b"EHLO x\r\n", 0.1), 1.0)
+    assert sent_client(acts) == b"", "drop hangs up without a word"
+    assert acts[-1] == Close("pregreet") and events(acts) == ["pregreet", "end"]
+
+    s = started(replace(SUSP, tarpit_action="drop"))
+    acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", 1.0)
+    assert not [a for a in acts if isinstance(a, Sleep)], "drop does not hold the client"
+    out = sent_client(s.backend_data(b"250 ok\r\n", 1.0))
+    assert out == b"250 ok\r\n554 5.7.1 Connection refused by policy\r\n"
+
+
+def test_a_delivered_message_resets_the_error_counter(tmp_path):
+    lists = make_lists(tmp_path, badheloarg="localhost\n")
+    s = started(DEFAULTS["normal"], lists, client=NORMAL)
+    s.client_data(b"HELO localhost\r\nHELO localhost\r\n", 1.0)
+    assert s.errors == 2
+    s.client_data(b"DATA\r\n", 1.0)
+    s.backend_data(b"354 go\r\n", 1.0)
+    s.client_data(b"x\r\n.\r\n", 1.0)
+    s.backend_data(b"250 queued\r\n", 1.0)
+    assert s.errors == 0

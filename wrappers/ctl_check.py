@@ -27,20 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; return the exit status described in the module docstring."""
-    from libtarpit.config import CLASSES, ConfigError, load_config
+    from libtarpit.config import CLASSES, ConfigError
+
+    from tarpit_wrappers.settings import read_config
 
     env = dict(os.environ)
-    control = args.control or env.get("TARPIT_CONTROL") or "/var/qmail/control"
-    cfg_path = args.config or env.get("TARPIT_CONFIG")
-    if cfg_path is None and os.path.exists(os.path.join(control, "tarpit.toml")):
-        cfg_path = os.path.join(control, "tarpit.toml")
     try:
-        text = open(cfg_path, encoding="utf-8").read() if cfg_path else None
-        cfg = load_config(env, text, cfg_path or "tarpit.toml")
+        cfg, control, cfg_path = read_config(env, args.control, args.config)
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         print(f"tarpitctl: {e}", file=sys.stderr)
         return 100
-    control = args.control or cfg.control
     print(f"configuration  {cfg_path or '(built-in defaults, no tarpit.toml)'}; mode={cfg.mode}")
     warnings, broken = 0, 0
     if not os.path.isdir(control):

@@ -5,7 +5,7 @@
   tarpitctl greylist [--store URL|PATH] whitelist-add CLIENT [--seconds N]
   tarpitctl greylist [--store URL|PATH] delete CLIENT [SENDER RCPT]
 
-The store defaults to $TARPIT_GREYLIST_URL, else DEFAULT_STORE.  `list` prints one record
+The store defaults to $TARPIT_GREYLIST_URL, else greylist_url in tarpit.toml, else DEFAULT_STORE.  `list` prints one record
 a line, tab-separated: kind, client, sender, rcpt, first seen, last seen, count, expires
 (times in UTC, ISO 8601).  Exit codes: 0 ok, 1 nothing to delete, 100 usage, 111 store error.
 """
@@ -31,7 +31,7 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options and actions of `tarpitctl greylist`."""
     parser.add_argument("--store", metavar="URL|PATH", help="redis://... or a SQLite file "
-                        f"(default: $TARPIT_GREYLIST_URL, else {DEFAULT_STORE})")
+                        f"(default: $TARPIT_GREYLIST_URL, tarpit.toml greylist_url, else {DEFAULT_STORE})")
     parser.add_argument("--timeout", type=float, default=5.0, help="store timeout in seconds (default 5)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="print the records, one a line")
@@ -50,7 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; return the exit status (0, 1, 100 or 111)."""
-    url = args.store or os.environ.get("TARPIT_GREYLIST_URL") or DEFAULT_STORE
+    url = args.store
+    if not url:
+        from libtarpit.config import ConfigError
+        from tarpit_wrappers.settings import read_config
+
+        try:
+            url = read_config(os.environ)[0].greylist_url  # $TARPIT_GREYLIST_URL, tarpit.toml, default
+        except (OSError, UnicodeDecodeError, ConfigError) as e:
+            print(f"tarpitctl: {e}", file=sys.stderr)
+            return 100
     if args.action == "delete" and len(args.triple) not in (0, 2):
         print("tarpitctl greylist: delete takes CLIENT or CLIENT SENDER RCPT", file=sys.stderr)
         return 100

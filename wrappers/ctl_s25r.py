@@ -68,7 +68,15 @@ def run(args: argparse.Namespace) -> int:
     if args.stdin == bool(args.names):
         print("tarpitctl s25r: give NAME arguments or --stdin (not both)", file=sys.stderr)
         return 100
-    control = args.control or os.environ.get("TARPIT_CONTROL") or DEFAULT_CONTROL
+    from libtarpit.config import ConfigError
+    from tarpit_wrappers.settings import read_config
+
+    try:
+        cfg, control, _ = read_config(os.environ, args.control)
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        print(f"tarpitctl: {e}", file=sys.stderr)
+        return 100
+    args.extra = args.extra or cfg.s25r_extra
     allow = None
     if not args.no_allow:
         try:

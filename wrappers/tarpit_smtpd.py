@@ -139,30 +139,23 @@ def tempfail(log, what: str, detail: str) -> int:
     """Answer 451, log one error line, exit 111: for failures before a session exists."""
     log.event("error", what=what, detail=detail)
     write_client(TEMPFAIL)
+    log.event("end", reason="tempfail")
     return 111
 
 
 def setup(opts: dict[str, str], env: dict[str, str], log):
     """Read configuration, control files and classify: return (session, greylist) or an exit status."""
     from libtarpit import s25r
-    from libtarpit.config import ConfigError, load_config
+    from libtarpit.config import ConfigError
     from libtarpit.errors import ControlError
     from libtarpit.session import Lists, Session, classify
 
-    cfg_path = opts.get("config") or env.get("TARPIT_CONFIG") or None
-    toml_text = None
+    from tarpit_wrappers.settings import read_config
+
     try:
-        if cfg_path is None:
-            control = opts.get("control") or env.get("TARPIT_CONTROL") or "/var/qmail/control"
-            cand = os.path.join(control, "tarpit.toml")
-            cfg_path = cand if os.path.exists(cand) else None
-        if cfg_path is not None:
-            with open(cfg_path, encoding="utf-8") as f:
-                toml_text = f.read()
-        cfg = load_config(env, toml_text, cfg_path or "tarpit.toml")
+        cfg, control_dir, _ = read_config(env, opts.get("control"), opts.get("config"))
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         return tempfail(log, "config", str(e))
-    control_dir = opts.get("control") or cfg.control
     ip = env.get("TCPREMOTEIP", "")
     host = env.get("TCPREMOTEHOST") or None
     # A name from tcpserver is trusted when it ran with -p (TARPIT_TRUST_HOST=1, the default);
