@@ -50,6 +50,7 @@ class ClassPolicy:
     hide_pipelining: bool = False
     helo_check: bool = True
     rcpt_check: bool = True
+    max_per_ip: int = 0
     pregreet: str = "enforce"
     helo: str = "enforce"
     rcpt: str = "enforce"
@@ -92,6 +93,7 @@ ENV_KEYS: dict[str, str] = {
     "hide_pipelining": "TARPIT_HIDE_PIPELINING",
     "helo_check": "TARPIT_HELO_CHECK",
     "rcpt_check": "TARPIT_RCPT_CHECK",
+    "max_per_ip": "TARPIT_MAX_PER_IP",
     "pregreet": "TARPIT_ACTION_PREGREET",
     "helo": "TARPIT_ACTION_HELO",
     "rcpt": "TARPIT_ACTION_RCPT",
@@ -113,6 +115,7 @@ class Config:
     rdns_timeout: float = 2.0
     rdns_server: str = ""
     trust_host: bool = True
+    state_dir: str = "/var/lib/tarpit-smtpd"
     greylist_url: str = "/var/lib/tarpit-smtpd/greylist.sqlite"
     greylist_delay: float = 1200.0
     greylist_retries: int = 2
@@ -144,6 +147,7 @@ GLOBAL_ENV: dict[str, str] = {
     "rdns_timeout": "TARPIT_RDNS_TIMEOUT",
     "rdns_server": "TARPIT_RDNS_SERVER",
     "trust_host": "TARPIT_TRUST_HOST",
+    "state_dir": "TARPIT_STATE_DIR",
     "greylist_url": "TARPIT_GREYLIST_URL",
     "greylist_delay": "TARPIT_GREYLIST_DELAY",
     "greylist_retries": "TARPIT_GREYLIST_RETRIES",

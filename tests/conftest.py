@@ -111,7 +111,7 @@ def tarpit_server(tmp_path):
         if command is None:
             command = ["tarpit-smtpd", "tarpit-sink", str(maildir)]
         full_env = dict(os.environ, TARPIT_CONTROL=str(control),
-                        TARPIT_GREYLIST_URL=str(state / "greylist.sqlite"))
+                        TARPIT_GREYLIST_URL=str(state / "greylist.sqlite"), TARPIT_STATE_DIR=str(state))
         full_env.pop("TARPIT_CONFIG", None)
         full_env.update(env or {})
         logfile = base / "server.log"

@@ -298,3 +298,34 @@ def test_warn_mode_logs_every_decision_and_enforces_none(tarpit_server):
     assert len(server.messages()) == 1
     out = subprocess.run(["tarpitctl", "stats", str(server.logfile)], capture_output=True, text=True)
     assert "would tarpit" in out.stdout and "would refuse HELO" in out.stdout
+
+
+def test_connections_per_ip_are_capped_on_both_paths(tarpit_server):
+    rules = RULES.replace('TARPIT="3"', 'TARPIT="20",TARPIT_MAX_PER_IP="2"').replace(
+        'TCPREMOTEHOST="mail.example.com"', 'TCPREMOTEHOST="mail.example.com",TARPIT_MAX_PER_IP="1"')
+    server = tarpit_server(rules)
+    held = [server.connect(BOT) for _ in range(2)]
+    for s in held:
+        assert recv_reply(s).startswith(b"220")
+    third = server.connect(BOT)
+    assert recv_reply(third) == b"421 4.7.0 Too many connections from your address, try again later\r\n"
+    assert third.recv(10) == b""
+    held.pop().close()
+    server.wait_log(r"event=end reason=client_closed")
+    again = server.connect(BOT)
+    assert recv_reply(again).startswith(b"220"), "a closed connection frees its slot"
+
+    first = server.connect(GOOD)  # fast path: the exec'd backend keeps the slot
+    assert recv_reply(first).startswith(b"220")
+    assert server.events("exec")
+    second = server.connect(GOOD)
+    assert recv_reply(second).startswith(b"421 4.7.0")
+    first.sendall(b"QUIT\r\n")
+    recv_reply(first)
+    first.close()
+    time.sleep(0.3)
+    with smtp_from(server, GOOD) as s:
+        assert s.noop()[0] == 250
+    assert [e["limit"] for e in server.events("conn_limit")] == ["2", "1"]
+    for s in held + [again, third, second]:
+        s.close()

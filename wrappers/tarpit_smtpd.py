@@ -23,6 +23,7 @@ import time
 
 USAGE = "usage: tarpit-smtpd [--control DIR] [--config FILE] PROGRAM [ARGS...]\n"
 TEMPFAIL = b"451 4.3.0 Temporary local problem, please try again later\r\n"
+TOO_MANY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 CLIENT_IN, CLIENT_OUT = 0, 1
 
 
@@ -198,7 +199,28 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
 
     client = replace(client, key=key)
     log.update(**{"class": client.cls, "rule": "-" if client.rule is None else client.rule})
-    return Session(client, policy, lists, greylist, now())
+    slot = None
+    if policy.max_per_ip > 0 and ip:
+        slot = take_slot(cfg.state_dir, ip, policy.max_per_ip, log)
+        if slot is False:
+            log.event("connect")
+            log.event("conn_limit", limit=policy.max_per_ip)
+            write_client(TOO_MANY)
+            log.event("end", reason="conn_limit")
+            return 0
+    return Session(client, policy, lists, greylist, now()), slot
+
+
+def take_slot(state_dir: str, ip: str, limit: int, log) -> int | None | bool:
+    """One of the client's `limit` connection slots: its fd, False when all are taken, None if the lock file failed."""
+    from libtarpit.slots import acquire
+
+    try:
+        fd = acquire(os.path.join(state_dir, "connections.lock"), ip, limit)
+    except OSError as e:  # fail open: a broken state directory must not refuse mail
+        log.event("error", what="conn_limit", detail=f"{state_dir}: {e.strerror or e}")
+        return None
+    return False if fd is None else fd
 
 
 def load_list(directory: str, name: str):
@@ -208,7 +230,7 @@ def load_list(directory: str, name: str):
     return control.ControlList.load(directory, name)
 
 
-def run(session, program: list[str], log) -> int:
+def run(session, program: list[str], log, slot: int | None = None) -> int:
     """Carry out the session's actions until it closes; return the exit status."""
     from libtarpit import session as S
     from libtarpit.sleep import sleep
@@ -237,6 +259,8 @@ def run(session, program: list[str], log) -> int:
                     todo[:0] = session.fail("backend", f"{program[0]}: {e.strerror or e}")
             elif isinstance(a, S.Exec):
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                if slot is not None:  # the backend keeps the connection slot (its lock survives exec)
+                    os.set_inheritable(slot, True)
                 try:
                     os.execvp(program[0], program)
                 except OSError as e:
@@ -290,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         made = setup(opts, dict(env), log)
         if isinstance(made, int):
             return made
-        session = made
-        return run(session, program, log)
+        session, slot = made
+        return run(session, program, log, slot)
     except Exception as e:  # our own bug: 451, one line, never a traceback on the socket
         tb = e.__traceback__
         while tb is not None and tb.tb_next is not None:
