@@ -16,12 +16,20 @@ overrides the value of whatever class the client falls in.  tarpit.toml holds
 the per-class defaults in tables [trusted], [suspicious], [normal] and the
 global keys at the top level.  Unknown keys and bad values are errors at
 start-up, never at run time (as postscreen parses its actions once).
+
+ClassPolicy and Config are immutable named tuples rather than dataclasses:
+this module is imported on every connection, and `dataclasses` (through
+`inspect`) alone costs ~11 ms of start-up, more than everything else we load.
+Change a value with `._replace(key=value)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from collections import namedtuple
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
+
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 CLASSES = ("trusted", "suspicious", "normal")
 CHECKS = ("pregreet", "helo", "rcpt", "tarpit", "greylist", "pipelining")
@@ -34,29 +42,19 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names key and source."""
 
 
-@dataclass(frozen=True)
-class ClassPolicy:
-    """Knobs for one client class.  Durations are seconds."""
+_CLASS_DEFAULTS: dict[str, Any] = {
+    "greet_pause": 0.0, "tarpit": 0.0, "tarpit_stage": "rcpt", "greylist": "off",
+    "idle_timeout": 300.0, "error_sleep": 1.0, "error_soft_limit": 10, "error_hard_limit": 20,
+    "recipient_limit": 1000, "hide_pipelining": False, "helo_check": True, "rcpt_check": True,
+    "max_per_ip": 0, "pregreet": "enforce", "helo": "enforce", "rcpt": "enforce",
+    "tarpit_action": "enforce", "greylist_action": "enforce", "pipelining": "warn",
+}
 
-    greet_pause: float = 0.0
-    tarpit: float = 0.0
-    tarpit_stage: str = "rcpt"
-    greylist: str = "off"
-    idle_timeout: float = 300.0
-    error_sleep: float = 1.0
-    error_soft_limit: int = 10
-    error_hard_limit: int = 20
-    recipient_limit: int = 1000
-    hide_pipelining: bool = False
-    helo_check: bool = True
-    rcpt_check: bool = True
-    max_per_ip: int = 0
-    pregreet: str = "enforce"
-    helo: str = "enforce"
-    rcpt: str = "enforce"
-    tarpit_action: str = "enforce"
-    greylist_action: str = "enforce"
-    pipelining: str = "warn"
+
+class ClassPolicy(namedtuple("ClassPolicy", list(_CLASS_DEFAULTS), defaults=list(_CLASS_DEFAULTS.values()))):
+    """Knobs for one client class (immutable).  Durations are seconds."""
+
+    __slots__ = ()
 
     def action(self, check: str) -> str:
         """Return the configured action for `check` (one of CHECKS)."""
@@ -64,12 +62,22 @@ class ClassPolicy:
 
     @property
     def needs_proxy(self) -> bool:
-        """True when some per-command check or limit applies (no exec fast path)."""
+        """True when a per-command check of the policy itself applies (tarpit, greylist, PIPELINING)."""
         return bool(
             (self.tarpit > 0 and self.tarpit_action != "ignore")
             or self.greylist != "off"
             or self.hide_pipelining
         )
+
+    def fast_path(self, has_badheloarg: bool, has_rcptusers: bool) -> bool:
+        """True when nothing is checked per command, so the backend can be exec'd.
+
+        The only place that decides between exec and proxy: the session and the
+        wrapper's start-up short cut both ask here.
+        """
+        return not (self.needs_proxy
+                    or (self.helo_check and has_badheloarg)
+                    or (self.rcpt_check and has_rcptusers))
 
 
 DEFAULTS: dict[str, ClassPolicy] = {
@@ -103,35 +111,31 @@ ENV_KEYS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the wrapper reads at start.  `classes` maps class -> ClassPolicy."""
+_GLOBAL_DEFAULTS: dict[str, Any] = {
+    "control": "/var/qmail/control", "mode": "enforce", "force_class": None, "s25r_extra": False,
+    "rdns": False, "rdns_timeout": 2.0, "rdns_server": "", "trust_host": True,
+    "state_dir": "/var/lib/tarpit-smtpd", "greylist_url": "/var/lib/tarpit-smtpd/greylist.sqlite",
+    "greylist_delay": 1200.0, "greylist_retries": 2, "greylist_whitelist": 3600.0,
+    "greylist_expire": 35 * 86400.0, "greylist_key": "net", "greylist_timeout": 0.5,
+}
 
-    control: str = "/var/qmail/control"
-    mode: str = "enforce"
-    force_class: str | None = None
-    s25r_extra: bool = False
-    rdns: bool = False
-    rdns_timeout: float = 2.0
-    rdns_server: str = ""
-    trust_host: bool = True
-    state_dir: str = "/var/lib/tarpit-smtpd"
-    greylist_url: str = "/var/lib/tarpit-smtpd/greylist.sqlite"
-    greylist_delay: float = 1200.0
-    greylist_retries: int = 2
-    greylist_whitelist: float = 3600.0
-    greylist_expire: float = 35 * 86400.0
-    greylist_key: str = "net"
-    greylist_timeout: float = 0.5
-    classes: Mapping[str, ClassPolicy] = field(default_factory=lambda: dict(DEFAULTS))
+
+class Config(namedtuple("Config", [*_GLOBAL_DEFAULTS, "classes"],
+                        defaults=[*_GLOBAL_DEFAULTS.values(), None])):
+    """Everything the wrapper reads at start (immutable).  `classes` maps class -> ClassPolicy."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Config":
+        self = super().__new__(cls, *args, **kwargs)
+        return self if self.classes is not None else self._replace(classes=dict(DEFAULTS))
 
     def policy(self, cls: str) -> ClassPolicy:
         """Return the ClassPolicy for `cls`, with warn mode applied to every action."""
         pol = self.classes[cls]
         if self.mode == "warn":
-            pol = replace(pol, **{
-                f.name: "warn" for f in fields(ClassPolicy)
-                if f.name in _ACTION_FIELDS and getattr(pol, f.name) in ("enforce", "drop")
+            pol = pol._replace(**{
+                name: "warn" for name in _ACTION_FIELDS if getattr(pol, name) in ("enforce", "drop")
             })
         return pol
 
@@ -206,12 +210,12 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value {raw!r} for {name}{hint}") from None
 
 
-def _types(cls: type) -> dict[str, Any]:
-    return {f.name: f.type for f in fields(cls)}
+def _types(defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str if v is None else type(v)) for k, v in defaults.items()}
 
 
-_CLASS_TYPES = _types(ClassPolicy)
-_GLOBAL_TYPES = {k: v for k, v in _types(Config).items() if k != "classes"}
+_CLASS_TYPES = _types(_CLASS_DEFAULTS)
+_GLOBAL_TYPES = _types(_GLOBAL_DEFAULTS)
 
 
 def load_config(env: Mapping[str, str], toml_text: str | None = None,
@@ -247,5 +251,5 @@ def load_config(env: Mapping[str, str], toml_text: str | None = None,
     for key, var in ENV_KEYS.items():
         if var in env:
             client[key] = _convert(key, env[var], _CLASS_TYPES[key], f"${var}")
-    classes = {c: replace(DEFAULTS[c], **{**per_class[c], **client}) for c in CLASSES}
+    classes = {c: DEFAULTS[c]._replace(**{**per_class[c], **client}) for c in CLASSES}
     return Config(**glob, classes=classes)

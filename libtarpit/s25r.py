@@ -22,13 +22,20 @@ over every rule; name entries count only when the name is trusted
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from dataclasses import dataclass
-from os import PathLike
-from typing import Iterable
+from collections import namedtuple
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 
 from libtarpit.errors import ControlError
+
+if TYPE_CHECKING:
+    import ipaddress
+    from os import PathLike
+    from typing import Iterable
+
+# Start-up is paid on every connection: only the six rules are compiled at
+# import; the other patterns are strings that re compiles (and caches) on first
+# use, and ipaddress is imported only when an IP entry or lookup needs it.
 
 # The published rules, verbatim apart from the needless escaping of "." inside
 # brackets.  Order matters only for which number we report: the first match.
@@ -70,32 +77,26 @@ RULE_NOTES: dict[int, str] = {
 #                          first labels rather than only at the very start
 # Only the host part is looked at (never the last two labels), so a provider
 # whose own domain is such a word (dyn.com, cable.example) is not hit.
-_EXTRA_TOKEN = re.compile(
+_EXTRA_TOKEN = (
     r"dyn|dynamic|dynip|dial|dialup|dialin|dip|pool|pppool|dpool|cable|cablemodem"
-    r"|catv|broadband|bband|dhcp|ppp|pppoe|[achrsvx]?dsl",
-    re.IGNORECASE,
+    r"|catv|broadband|bband|dhcp|ppp|pppoe|[achrsvx]?dsl"
 )
 # Home lines with a name from a dynamic-DNS service: the label left of the
 # TLD names the service.  Mail from these goes direct-to-MX from a home line.
-_DYNDNS_DOMAIN = re.compile(
-    r"(^|\.)(dyndns|dyndns-[a-z]+|dynalias|duckdns|no-ip|ddns|dynu)\.[a-z]+$",
-    re.IGNORECASE,
-)
+_DYNDNS_DOMAIN = r"(^|\.)(dyndns|dyndns-[a-z]+|dynalias|duckdns|no-ip|ddns|dynu)\.[a-z]+$"
 _EXTRA_LABELS = 3
-_TOKEN_SPLIT = re.compile(r"[^a-z]+", re.IGNORECASE)
+_TOKEN_SPLIT = r"[^a-z]+"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What S25R and the allow-list say about one client.
+class Verdict(namedtuple("Verdict", "rule allowed_by", defaults=(None,))):
+    """What S25R and the allow-list say about one client (immutable).
 
     `rule` is 0-6 for the S25R rule that matched, 7 for an extra pattern, None
     for no match.  `allowed_by` is the allow-list entry that overrode the rules
     (set even when no rule matched: an allow-listed client is trusted).
     """
 
-    rule: int | None
-    allowed_by: str | None = None
+    __slots__ = ()
 
     @property
     def suspicious(self) -> bool:
@@ -124,13 +125,13 @@ def _normalize(name: str | None) -> str:
 
 def _extra_match(name: str) -> bool:
     """True when the host part of `name` carries a dynamic-pool keyword."""
-    if _DYNDNS_DOMAIN.search(name):
+    if re.search(_DYNDNS_DOMAIN, name, re.IGNORECASE):
         return True
     labels = name.split(".")
     host = labels[: min(_EXTRA_LABELS, len(labels) - 2)]
     for label in host:
-        for token in _TOKEN_SPLIT.split(label):
-            if token and _EXTRA_TOKEN.fullmatch(token):
+        for token in re.split(_TOKEN_SPLIT, label, flags=re.IGNORECASE):
+            if token and re.fullmatch(_EXTRA_TOKEN, token, re.IGNORECASE):
                 return True
     return False
 
@@ -153,16 +154,17 @@ def match_rule(name: str | None, *, extra: bool = False) -> int | None:
     return None
 
 
-_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*",
-                   re.IGNORECASE)
+_NAME = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
 # Anything made of digits and dots, or holding ":" or an inner "/", is read as
 # an address, so a tcprules-style prefix ("192.0.2.") fails loudly instead of
 # becoming an exact name that never matches.
-_LOOKS_NUMERIC = re.compile(r"[0-9.]+(/[0-9]*)?|.*:.*|[^/].*/.*")
+_LOOKS_NUMERIC = r"[0-9.]+(/[0-9]*)?|.*:.*|[^/].*/.*"
 
 
 def _parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """Return the network an IP or CIDR entry names; raise ValueError if it is bad."""
+    import ipaddress
+
     return ipaddress.ip_network(entry, strict=False)
 
 
@@ -246,7 +248,7 @@ class AllowList:
         """Store one entry; raise ValueError if it is not one of the four kinds."""
         if entry.startswith("/"):
             self._regexes.append((_parse_regex(entry), entry))
-        elif _LOOKS_NUMERIC.fullmatch(entry):
+        elif re.fullmatch(_LOOKS_NUMERIC, entry):
             try:
                 self._networks.append((_parse_network(entry), entry))
             except ValueError:
@@ -260,7 +262,7 @@ class AllowList:
         suffix = entry.startswith("*.") or body.startswith(".")
         body = body[1:] if body.startswith(".") else body
         body = body[:-1] if body.endswith(".") else body
-        if not _NAME.fullmatch(body):
+        if not re.fullmatch(_NAME, body, re.IGNORECASE):
             raise ValueError(f"not a host name, .suffix, /regex/ or address: {entry}")
         table = self._suffixes if suffix else self._exact
         table.setdefault(body.lower(), entry)
@@ -305,6 +307,8 @@ class AllowList:
 
 def _addresses(ip: str) -> Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """Yield the address `ip` names, plus its IPv4 form if it is IPv4-mapped IPv6."""
+    import ipaddress
+
     try:
         address = ipaddress.ip_address(ip.strip())
     except ValueError:

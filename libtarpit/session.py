@@ -27,111 +27,81 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 
-from . import control, smtp
+from . import smtp
+from .client import Client, classify
 from .config import ClassPolicy
-from .sleep import SleepResult
+from .values import value
 
-# --- who the client is -------------------------------------------------------
+if TYPE_CHECKING:
+    from typing import Any, Protocol
 
+    from .sleep import SleepResult
 
-@dataclass(frozen=True)
-class Client:
-    """The connecting client as classified once at start."""
+    class GreylistPort(Protocol):
+        """What the session needs of libtarpit.greylist.Greylist."""
 
-    ip: str
-    host: str | None
-    cls: str
-    rule: int | None = None
-    reason: str = ""
-    key: str = ""
-
-
-def classify(ip: str, host: str | None, *, relayclient: bool, verdict: Any,
-             force_class: str | None = None, key: str = "") -> Client:
-    """Return the Client with its class: trusted, suspicious or normal.
-
-    `verdict` is an s25r.Verdict: an allow-listed client is trusted, an S25R
-    match is suspicious.  RELAYCLIENT makes a client trusted (qmail's own
-    notion of a client we relay for); `force_class` (TARPIT_CLASS, set per
-    client by tcprules) wins over everything.
-    """
-    rule = verdict.rule if verdict is not None else None
-    if force_class:
-        return Client(ip, host, force_class, rule, "forced", key)
-    if relayclient:
-        return Client(ip, host, "trusted", rule, "relayclient", key)
-    if verdict is not None and verdict.allowed_by:
-        return Client(ip, host, "trusted", rule, "allowlist", key)
-    if verdict is not None and verdict.suspicious:
-        return Client(ip, host, "suspicious", rule, f"s25r{rule}", key)
-    return Client(ip, host, "normal", rule, "", key)
+        def check(self, client: str, sender: str, rcpt: str, now: float, *, suspicious: bool = True) -> Any: ...
+        def tarpit_lost(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
+        def tarpit_passed(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
+        def delivered(self, client: str, now: float) -> None: ...
 
 
-class Lists(NamedTuple):
+class Lists(value("Lists", "badheloarg rcptusers", defaults=(None, None))):
     """Control lists loaded at start; None means the list is absent (no check)."""
 
-    badheloarg: Any = None
-    rcptusers: Any = None
-
-
-class GreylistPort(Protocol):
-    """What the session needs of libtarpit.greylist.Greylist."""
-
-    def check(self, client: str, sender: str, rcpt: str, now: float, *, suspicious: bool = True) -> Any: ...
-    def tarpit_lost(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
-    def tarpit_passed(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
-    def delivered(self, client: str, now: float) -> None: ...
+    __slots__ = ()
 
 
 # --- actions -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SendClient:
-    data: bytes
+class SendClient(value("SendClient", "data")):
+    """Write `data` to the client."""
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class SendBackend:
-    data: bytes
+class SendBackend(value("SendBackend", "data")):
+    """Write `data` to the backend."""
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Sleep:
+class Sleep(value("Sleep", "seconds stage")):
     """Sleep `seconds` watching the client; feed the SleepResult to sleep_done."""
 
-    seconds: float
-    stage: str
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class StartBackend:
+class StartBackend(value("StartBackend", "")):
     """Start the backend on a socketpair and relay from now on."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Exec:
+
+class Exec(value("Exec", "")):
     """Replace this process with the backend on the client's fds (fast path)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Close:
+
+class Close(value("Close", "reason status", defaults=(0,))):
     """Close both sides, reap the backend, exit with `status`."""
 
-    reason: str
-    status: int = 0
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Log:
-    event: str
-    fields: tuple[tuple[str, Any], ...] = ()
+class Log(value("Log", "event fields", defaults=((),))):
+    """Write log line `event` with `fields`, a tuple of (key, value) pairs."""
+
+    __slots__ = ()
 
 
-Action = SendClient | SendBackend | Sleep | StartBackend | Exec | Close | Log
+ACTION_TYPES = (SendClient, SendBackend, Sleep, StartBackend, Exec, Close, Log)
+if TYPE_CHECKING:
+    Action = SendClient | SendBackend | Sleep | StartBackend | Exec | Close | Log
 
 # --- phases: the one table of moves ------------------------------------------
 
@@ -171,19 +141,25 @@ _BDAT = re.compile(r"^([0-9]{1,12})(\s+LAST)?\s*$", re.IGNORECASE)
 _DATA_END = re.compile(rb"\n\.\r?\n")
 
 
-@dataclass
 class _Pending:
     """One reply the client is owed, in command order."""
 
-    kind: str                       # backend kinds: banner helo ehlo mail rcpt data dot bdat bdat_last quit other
-    local: bytes | None = None      # set for replies we make ourselves
-    close: str = ""                 # close after sending this local reply, with this reason
+    __slots__ = ("kind", "local", "close")
+
+    def __init__(self, kind: str, local: bytes | None = None, close: str = ""):
+        self.kind = kind      # backend kinds: banner helo ehlo mail rcpt data dot bdat bdat_last quit other
+        self.local = local    # set for replies we make ourselves
+        self.close = close    # close after sending this local reply, with this reason
 
 
-@dataclass
 class _Txn:
-    sender: str | None = None
-    rcpts: int = 0
+    """The mail transaction in progress: its sender and how many RCPTs went on."""
+
+    __slots__ = ("sender", "rcpts")
+
+    def __init__(self, sender: str | None = None):
+        self.sender = sender
+        self.rcpts = 0
 
 
 class Session:
@@ -212,8 +188,9 @@ class Session:
         self._pending_rcpt = ""
         self._already_buffered = False
         self._out: list[Action] = []
-        self._proxy = policy.needs_proxy if backend_needed is None else backend_needed
-        self._proxy = self._proxy or self._lists_apply()
+        if backend_needed is None:
+            backend_needed = not policy.fast_path(lists.badheloarg is not None, lists.rcptusers is not None)
+        self._proxy = backend_needed
 
     # --- driver entry points ---------------------------------------------
 
@@ -334,10 +311,6 @@ class Session:
         self._goto("sleep")
         self._out.append(Sleep(seconds, stage))
 
-    def _lists_apply(self) -> bool:
-        return bool((self.policy.helo_check and self.lists.badheloarg is not None)
-                    or (self.policy.rcpt_check and self.lists.rcptusers is not None))
-
     # --- greeting ------------------------------------------------------------
 
     def _greet_done(self, result: SleepResult) -> None:
@@ -446,6 +419,8 @@ class Session:
 
     def _helo(self, cmd: smtp.Command) -> None:
         if self.policy.helo_check and self.lists.badheloarg is not None:
+            from . import control
+
             reason = control.helo_refused(cmd.arg, self.lists.badheloarg)
             if reason:
                 action = self._warn_or("helo", "helo_reject", helo=smtp.printable(cmd.arg), reason=reason)
@@ -484,6 +459,8 @@ class Session:
         self._rcpt_after_tarpit(cmd, rcpt)
 
     def _rcpt_after_tarpit(self, cmd: smtp.Command, rcpt: str) -> None:
+        from . import control
+
         if self.policy.rcpt_check and self.lists.rcptusers is not None \
                 and not control.rcpt_valid(rcpt, self.lists.rcptusers):
             action = self._warn_or("rcpt", "rcpt_reject", rcpt=smtp.printable(rcpt), reason="unknown_user")

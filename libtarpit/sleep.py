@@ -32,8 +32,12 @@ import select
 import struct
 import termios
 import time
-from dataclasses import dataclass
-from typing import Callable
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
+
+from .values import value
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 __all__ = ["Outcome", "SleepResult", "sleep"]
 
@@ -60,8 +64,7 @@ class Outcome(enum.Enum):
     DISCONNECTED = "disconnected"
 
 
-@dataclass(frozen=True)
-class SleepResult:
+class SleepResult(value("SleepResult", "outcome elapsed early early_at truncated", defaults=(b"", None, False))):
     """The result of one sleep.
 
     outcome    ELAPSED or DISCONNECTED
@@ -72,11 +75,7 @@ class SleepResult:
     truncated  the client sent more than max_early; the rest is still unread on the fd
     """
 
-    outcome: Outcome
-    elapsed: float
-    early: bytes = b""
-    early_at: float | None = None
-    truncated: bool = False
+    __slots__ = ()
 
     @property
     def disconnected(self) -> bool:

@@ -16,19 +16,17 @@ Public names:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from .values import value
 
 MAX_LINE = 4096
 MAX_ECHO = 100
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(value("Command", "verb arg raw")):
     """A client command line: `verb` upper-cased ("" when there is none), `arg` the rest."""
 
-    verb: str
-    arg: str
-    raw: bytes
+    __slots__ = ()
 
 
 def parse_command(line: bytes) -> Command:
@@ -97,13 +95,10 @@ class LineSplitter:
         return len(self._buf)
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(value("Reply", "code lines raw")):
     """A complete reply: `code` (0 when the backend sent garbage), its lines, the raw bytes."""
 
-    code: int
-    lines: tuple[bytes, ...]
-    raw: bytes
+    __slots__ = ()
 
     @property
     def positive(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -14,7 +14,7 @@ from libtarpit.session import (Close, Exec, Lists, Log, PHASES, TRANSITIONS, Sen
 from libtarpit.sleep import Outcome, SleepResult
 
 NORMAL = classify("192.0.2.1", "mail.example.org", relayclient=False, verdict=None, key="192.0.2.0/24")
-SUSPICIOUS = replace(NORMAL, cls="suspicious", rule=1, host="p1-2.dyn.example.net")
+SUSPICIOUS = NORMAL._replace(cls="suspicious", rule=1, host="p1-2.dyn.example.net")
 BANNER = b"220 backend ESMTP\r\n"
 EHLO_REPLY = b"250-backend\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n"
 
@@ -48,7 +48,7 @@ def make_lists(tmp_path, **files) -> Lists:
                  control.ControlList.load(str(tmp_path), "rcptusers"))
 
 
-SUSP = replace(DEFAULTS["suspicious"], greylist="off", tarpit=65.0)
+SUSP = DEFAULTS["suspicious"]._replace(greylist="off", tarpit=65.0)
 
 
 def test_phase_table_names_only_known_phases():
@@ -64,7 +64,7 @@ def test_normal_client_with_nothing_to_check_is_execed():
 
 
 def test_greet_pause_then_exec_and_pregreet_554():
-    pol = replace(DEFAULTS["normal"], greet_pause=5.0)
+    pol = DEFAULTS["normal"]._replace(greet_pause=5.0)
     s = Session(NORMAL, pol, Lists(), None, 0.0)
     assert [a for a in s.start() if isinstance(a, Sleep)] == [Sleep(5.0, "greet")]
     assert isinstance(s.sleep_done(SleepResult(Outcome.ELAPSED, 5.0), 5.0)[-1], Exec)
@@ -157,7 +157,7 @@ def test_helo_refused_and_warn_mode_only_logs(tmp_path):
 
 def test_drop_action_closes_after_554(tmp_path):
     lists = make_lists(tmp_path, badheloarg="localhost\n")
-    pol = replace(DEFAULTS["normal"], helo="drop")
+    pol = DEFAULTS["normal"]._replace(helo="drop")
     s = started(pol, lists, client=NORMAL)
     acts = s.client_data(b"HELO localhost\r\n", 1.0)
     assert sent_client(acts).startswith(b"554 ") and isinstance(acts[-1], Close)
@@ -185,7 +185,7 @@ def test_bdat_chunks_pass_unchanged():
 
 def test_error_hard_limit_drops_with_421(tmp_path):
     lists = make_lists(tmp_path, badheloarg="localhost\n")
-    pol = replace(DEFAULTS["normal"], error_hard_limit=2, error_sleep=0)
+    pol = DEFAULTS["normal"]._replace(error_hard_limit=2, error_sleep=0)
     s = started(pol, lists, client=NORMAL)
     acts = s.client_data(b"HELO localhost\r\nHELO localhost\r\n", 1.0)
     out = sent_client(acts)
@@ -195,7 +195,7 @@ def test_error_hard_limit_drops_with_421(tmp_path):
 
 def test_error_sleep_after_soft_limit(tmp_path):
     lists = make_lists(tmp_path, badheloarg="localhost\n")
-    pol = replace(DEFAULTS["normal"], error_soft_limit=1, error_sleep=2.0)
+    pol = DEFAULTS["normal"]._replace(error_soft_limit=1, error_sleep=2.0)
     s = started(pol, lists, client=NORMAL)
     s.client_data(b"HELO localhost\r\n", 1.0)
     acts = s.client_data(b"HELO mail.example.org\r\n", 1.0)
@@ -205,7 +205,7 @@ def test_error_sleep_after_soft_limit(tmp_path):
 
 
 def test_recipient_limit():
-    pol = replace(DEFAULTS["normal"], recipient_limit=1)
+    pol = DEFAULTS["normal"]._replace(recipient_limit=1)
     s = started(pol, client=NORMAL)
     acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\n", 1.0)
     assert sent_backend(acts) == b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n"
@@ -261,7 +261,7 @@ def test_reply_builders():
 
 
 def test_idle_timeout_does_not_cut_off_a_slow_backend_reply():
-    s = started(replace(DEFAULTS["normal"], idle_timeout=60), client=NORMAL)
+    s = started(DEFAULTS["normal"]._replace(idle_timeout=60), client=NORMAL)
     assert s.deadline() == 1000.0 + 60
     s.client_data(b"DATA\r\n", 1010.0)
     assert s.deadline() >= 1010.0 + 3600, "the backend owes the 354"
@@ -270,14 +270,14 @@ def test_idle_timeout_does_not_cut_off_a_slow_backend_reply():
 
 
 def test_drop_actions_for_pregreet_and_tarpit():
-    pol = replace(DEFAULTS["normal"], greet_pause=1.0, pregreet="drop")
+    pol = DEFAULTS["normal"]._replace(greet_pause=1.0, pregreet="drop")
     s = Session(NORMAL, pol, Lists(), None, 0.0)
     s.start()
     acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 1.0, b"EHLO x\r\n", 0.1), 1.0)
     assert sent_client(acts) == b"", "drop hangs up without a word"
     assert acts[-1] == Close("pregreet") and events(acts) == ["pregreet", "end"]
 
-    s = started(replace(SUSP, tarpit_action="drop"))
+    s = started(SUSP._replace(tarpit_action="drop"))
     acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", 1.0)
     assert not [a for a in acts if isinstance(a, Sleep)], "drop does not hold the client"
     out = sent_client(s.backend_data(b"250 ok\r\n", 1.0))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import sys
 import time
 
@@ -58,6 +57,8 @@ class Backend:
     """The backend process on one end of a socketpair."""
 
     def __init__(self, program: list[str]):
+        import socket  # only the proxy path needs it (start-up is paid per connection)
+
         ours, theirs = socket.socketpair()
         try:
             self.pid = os.posix_spawnp(
@@ -81,6 +82,8 @@ class Backend:
 
     def stop(self) -> int:
         """Close our end, give the backend a moment to exit on EOF, then TERM, then KILL; return its status."""
+        import socket
+
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -149,7 +152,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
     from libtarpit import s25r
     from libtarpit.config import ConfigError
     from libtarpit.errors import ControlError
-    from libtarpit.session import Lists, Session, classify
+    from libtarpit.client import classify
 
     from tarpit_wrappers.settings import read_config
 
@@ -178,6 +181,8 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         client = classify(ip, host, relayclient="RELAYCLIENT" in env, verdict=verdict,
                           force_class=cfg.force_class)
         policy = cfg.policy(client.cls)
+        from libtarpit.session import Lists
+
         lists = Lists(
             load_list(control_dir, "badheloarg") if policy.helo_check else None,
             load_list(control_dir, "rcptusers") if policy.rcpt_check else None,
@@ -195,9 +200,9 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
                                    greylist_normal=client.cls != "suspicious" and policy.greylist == "greylist")
         key = gl.client_key(ip, host if name_trusted else None, params)
         greylist = gl.Greylist(gl.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout), params)
-    from dataclasses import replace
+    from libtarpit.session import Session
 
-    client = replace(client, key=key)
+    client = client._replace(key=key)
     log.update(**{"class": client.cls, "rule": "-" if client.rule is None else client.rule})
     slot = None
     if policy.max_per_ip > 0 and ip:
@@ -225,6 +230,9 @@ def take_slot(state_dir: str, ip: str, limit: int, log) -> int | None | bool:
 
 def load_list(directory: str, name: str):
     """The control list `name`, or None when absent (ControlError when unreadable)."""
+    path = os.path.join(directory, name)
+    if not (os.path.lexists(path) or os.path.lexists(path + ".cdb")):
+        return None  # the common case: skip importing control (and cdblib) at all
     from libtarpit import control
 
     return control.ControlList.load(directory, name)
@@ -233,7 +241,6 @@ def load_list(directory: str, name: str):
 def run(session, program: list[str], log, slot: int | None = None) -> int:
     """Carry out the session's actions until it closes; return the exit status."""
     from libtarpit import session as S
-    from libtarpit.sleep import sleep
 
     backend: Backend | None = None
     todo = list(session.start())
@@ -250,6 +257,8 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                 if backend is None or not backend.send(a.data):
                     todo[:0] = session.backend_data(b"", now())
             elif isinstance(a, S.Sleep):
+                from libtarpit.sleep import sleep
+
                 result = sleep(CLIENT_IN, a.seconds)
                 todo[:0] = session.sleep_done(result, now())
             elif isinstance(a, S.StartBackend):
