@@ -137,8 +137,13 @@ HELO_REFUSED = smtp.reply(553, "5.7.1 Sorry, that HELO/EHLO argument is not acce
 LINE_TOO_LONG = smtp.reply(500, "5.5.2 Line too long")
 TOO_MANY_RCPTS = smtp.reply(452, "4.5.3 Too many recipients")
 
-_BDAT = re.compile(r"^([0-9]{1,12})(\s+LAST)?\s*$", re.IGNORECASE)
-_DATA_END = re.compile(rb"\n\.\r?\n")
+# RFC 3030's syntax exactly: a chunk size qmail/exim would read the same way we do
+_BDAT = re.compile(r"^(0|[1-9][0-9]{0,9})( LAST)?$", re.IGNORECASE)
+# only <CRLF>.<CRLF> ends a message: qmail-smtpd and aiosmtpd ignore a bare-LF dot line,
+# so treating "\n.\n" as the end would let a client smuggle commands past our checks
+_DATA_END = re.compile(rb"\r\n\.\r\n")
+MAX_BUFFER = 65536  # client bytes we hold while we cannot act on them (then we stop reading)
+NO_BANNER = smtp.reply(421, "4.3.0 Service temporarily unavailable, please try again later")
 
 
 class _Pending:
@@ -183,8 +188,10 @@ class Session:
         self._held: bytes | None = None     # the command line a sleep is holding
         self._sleep_stage = ""
         self._error_slept = False
-        self._data_tail = b"\n"
+        self._data_tail = b"\r\n"
         self._bdat_left = 0
+        self._chunking = False      # the backend advertised CHUNKING in its last EHLO reply
+        self._client_eof = False    # the client closed; we still relay what the backend owes
         self._pending_rcpt = ""
         self._already_buffered = False
         self._out: list[Action] = []
@@ -224,11 +231,27 @@ class Session:
         if self.phase == "closed":
             return []
         if not data:
-            self._close("client_closed")
+            if self._owed() and self.phase in ("command", "data_wait"):
+                # e.g. "...QUIT" then shutdown(SHUT_WR): the replies still go out, so a
+                # delivered message is not retried and sent twice
+                self._client_eof = True
+            else:
+                self._close("client_closed")
             return self._flush()
         self._in.feed(data)
         self._run(now)
         return self._flush()
+
+    def client_gone(self, now: float) -> list[Action]:
+        """A write to the client failed: it is gone for good, close at once."""
+        self._last = now
+        self._close("client_closed")
+        return self._flush()
+
+    def wants_client(self) -> bool:
+        """True when the driver should read from the client now (else it stops reading)."""
+        return (not self._client_eof and self.phase in ("command", "data_body", "bdat_body")
+                and len(self._in) < MAX_BUFFER)
 
     def backend_data(self, data: bytes, now: float) -> list[Action]:
         """Feed bytes read from the backend; b"" means the backend closed."""
@@ -236,6 +259,9 @@ class Session:
             return []
         if not data:
             tail = self._replies.pending()
+            if self.phase == "starting":
+                self._log("error", what="backend", detail="closed before its greeting")
+                tail = NO_BANNER
             if tail:
                 self._out.append(SendClient(tail))
             self._close("backend_closed")
@@ -244,6 +270,8 @@ class Session:
             self._backend_reply(r, now)
             if self.phase == "closed":
                 break
+        if self._client_eof and not self._owed() and self.phase != "closed":
+            self._close("client_closed")
         self._run(now)
         return self._flush()
 
@@ -356,10 +384,12 @@ class Session:
                 if self._bdat_left == 0:
                     self._goto("end")
                 continue
-            if self.policy.error_sleep > 0 and self.errors >= self.policy.error_soft_limit \
-                    and not self._error_slept and self._held is None:
-                self._sleep(self.policy.error_sleep, "error")
-                return
+            if self.errors >= self.policy.error_soft_limit and self._held is None:
+                if self._owed():
+                    return  # past the soft limit, one command at a time: replies first
+                if self.policy.error_sleep > 0 and not self._error_slept:
+                    self._sleep(self.policy.error_sleep, "error")
+                    return
             self._error_slept = False
             line = self._held
             self._held = None
@@ -372,6 +402,10 @@ class Session:
                     continue
             self._command(smtp.parse_command(line), now)
         self._send_ready()
+
+    def _owed(self) -> bool:
+        """True while the backend owes the client a reply."""
+        return any(p.local is None for p in self._queue)
 
     def _data_bytes(self, data: bytes) -> None:
         """Pass message bytes through unchanged until the end-of-data line."""
@@ -403,7 +437,9 @@ class Session:
         elif verb == "DATA":
             self._forward(cmd.raw, "data")
             self._goto("data")
-        elif verb == "BDAT" and _BDAT.match(cmd.arg):
+        elif verb == "BDAT" and self._chunking and _BDAT.match(cmd.arg):
+            # only a backend that advertised CHUNKING reads the chunk as data; to any
+            # other the bytes are commands, and must go through our checks as such
             m = _BDAT.match(cmd.arg)
             self._forward(cmd.raw, "bdat_last" if m.group(2) else "bdat")
             self._bdat_left = int(m.group(1))
@@ -562,9 +598,15 @@ class Session:
         if error:
             self.errors += 1
         self._queue.append(_Pending("local", data, close))
-        if error and self.errors >= self.policy.error_hard_limit:
-            self._queue.append(_Pending("local", TOO_MANY_ERRORS, "too_many_errors"))
         self._send_ready()
+        if error and self.errors >= self.policy.error_hard_limit:
+            self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        """421 at once and close: replies still owed do not matter to a client we drop."""
+        if self.phase != "closed":
+            self._out.append(SendClient(TOO_MANY_ERRORS))
+            self._close("too_many_errors")
 
     def _drop(self) -> None:
         self._local(DROP, close="policy")
@@ -582,12 +624,14 @@ class Session:
         raw = r.raw
         if p.kind == "banner":
             self._goto("banner")
-        elif p.kind == "ehlo" and self.policy.hide_pipelining and r.code == 250:
-            # PIPECONNECT (exim) presumes PIPELINING, so it goes too
-            raw = smtp.drop_extension(r, b"PIPELINING", b"PIPECONNECT")
+        elif p.kind in ("ehlo", "helo"):
+            self._chunking = p.kind == "ehlo" and r.code == 250 and b"CHUNKING" in smtp.extensions(r)
+            if p.kind == "ehlo" and self.policy.hide_pipelining and r.code == 250:
+                # PIPECONNECT (exim) presumes PIPELINING, so it goes too
+                raw = smtp.drop_extension(r, b"PIPELINING", b"PIPECONNECT")
         elif p.kind == "data":
             self._goto("go" if r.code == 354 else "no")
-            self._data_tail = b"\n"
+            self._data_tail = b"\r\n"
         elif p.kind in ("dot", "bdat_last") and r.positive:
             self._txn = _Txn()
             self.errors = 0  # as Postfix: a delivered message resets the error counter (seed 002)
@@ -596,7 +640,6 @@ class Session:
         if r.code >= 400 and p.kind != "banner":
             self.errors += 1
             if self.errors >= self.policy.error_hard_limit:
-                self._out.append(SendClient(TOO_MANY_ERRORS))
-                self._close("too_many_errors")
+                self._too_many_errors()
                 return
         self._send_ready()

@@ -9,6 +9,7 @@ Public names:
   ReplyParser     feed backend bytes, take complete Replies
   reply           build reply bytes from a code and text lines
   mail_path       the address inside MAIL FROM:<...> / RCPT TO:<...>
+  extensions      the keywords an EHLO reply advertises
   drop_extension  an EHLO reply without some extension keywords (e.g. PIPELINING)
   printable       cap and escape client text before it is echoed anywhere
 """
@@ -184,16 +185,28 @@ def mail_path(arg: str) -> str | None:
     return token or None
 
 
+def extensions(r: Reply) -> list[bytes]:
+    """The upper-cased extension keywords an EHLO reply advertises (its lines after the first)."""
+    out = []
+    for ln in r.lines[1:]:
+        words = ln.rstrip(b"\r\n")[4:].split()
+        if words:
+            out.append(words[0].upper())
+    return out
+
+
 def drop_extension(r: Reply, *keywords: bytes) -> bytes:
     """Return the raw bytes of EHLO reply `r` without the lines advertising any of `keywords`.
 
-    The continuation markers are rebuilt so the last line keeps "ddd ".
+    Every line is rebuilt as code, separator, text, CRLF, so the last line keeps
+    "ddd " and a short line ("250") keeps its CRLF.
     """
-    kept = [ln for ln in r.lines[1:] if ln[4:].strip().split(b" ")[0].upper() not in keywords]
-    lines = [r.lines[0]] + kept
+    texts = [r.lines[0].rstrip(b"\r\n")[4:]]
+    for ln in r.lines[1:]:
+        text = ln.rstrip(b"\r\n")[4:]
+        words = text.split()
+        if not words or words[0].upper() not in keywords:
+            texts.append(text)
     code = str(r.code).encode()
-    out = []
-    for i, ln in enumerate(lines):
-        sep = b" " if i == len(lines) - 1 else b"-"
-        out.append(code + sep + ln[4:])
-    return b"".join(out)
+    return b"".join(code + (b" " if i == len(texts) - 1 else b"-") + t + b"\r\n"
+                    for i, t in enumerate(texts))

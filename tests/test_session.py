@@ -177,10 +177,75 @@ def test_message_bytes_pass_unchanged_whatever_the_chunking(cut):
     assert sent_client(s.backend_data(b"250 queued\r\n", 1.0)) == b"250 queued\r\n"
 
 
-def test_bdat_chunks_pass_unchanged():
+def test_bdat_chunks_pass_unchanged_when_the_backend_offers_chunking(tmp_path):
+    lists = make_lists(tmp_path, rcptusers="bob\n")
+    s = started(DEFAULTS["normal"], lists, client=NORMAL)
+    s.client_data(b"EHLO x.example\r\n", 1.0)
+    s.backend_data(b"250-backend\r\n250-CHUNKING\r\n250 8BITMIME\r\n", 1.0)
+    chunk = b"RCPT TO:<eve@example.com>\r\n"
+    acts = s.client_data(b"BDAT %d\r\n" % len(chunk) + chunk + b"BDAT 0 LAST\r\nNOOP\r\n", 1.0)
+    assert sent_backend(acts) == b"BDAT %d\r\n" % len(chunk) + chunk + b"BDAT 0 LAST\r\nNOOP\r\n"
+    assert "rcpt_reject" not in events(acts), "chunk bytes are message data"
+
+
+def test_bdat_to_a_backend_without_chunking_cannot_smuggle_commands(tmp_path):
+    lists = make_lists(tmp_path, rcptusers="bob\n")
+    s = started(DEFAULTS["normal"], lists, client=NORMAL)
+    s.client_data(b"EHLO x.example\r\n", 1.0)
+    s.backend_data(b"250-backend\r\n250 8BITMIME\r\n", 1.0)
+    s.client_data(b"MAIL FROM:<a@b>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    chunk = b"RCPT TO:<eve@example.com>\r\n"
+    acts = s.client_data(b"BDAT %d\r\n" % len(chunk) + chunk, 1.0)
+    assert sent_backend(acts) == b"BDAT %d\r\n" % len(chunk), "the RCPT inside never reaches the backend"
+    assert "rcpt_reject" in events(acts)
+
+
+def test_bare_lf_dot_does_not_end_the_message():
     s = started(DEFAULTS["normal"], client=NORMAL)
-    acts = s.client_data(b"BDAT 5\r\nHELO\nBDAT 0 LAST\r\nNOOP\r\n", 1.0)
-    assert sent_backend(acts) == b"BDAT 5\r\nHELO\nBDAT 0 LAST\r\nNOOP\r\n"
+    s.client_data(b"DATA\r\n", 1.0)
+    s.backend_data(b"354 go\r\n", 1.0)
+    body = b"hello\n.\nRCPT TO:<smuggled@example.com>\r\n"
+    assert sent_backend(s.client_data(body, 1.0)) == body
+    assert s.phase == "data_body"
+    assert sent_backend(s.client_data(b"\r\n.\r\n", 1.0)) == b"\r\n.\r\n"
+    assert s.phase == "command"
+
+
+def test_replies_owed_after_the_client_half_closes_still_go_out():
+    s = started(DEFAULTS["normal"], client=NORMAL)
+    s.client_data(b"DATA\r\n", 1.0)
+    s.backend_data(b"354 go\r\n", 1.0)
+    s.client_data(b"x\r\n.\r\nQUIT\r\n", 1.0)
+    assert s.client_data(b"", 1.0) == [] and not s.wants_client()
+    acts = s.backend_data(b"250 queued\r\n221 bye\r\n", 1.0)
+    assert sent_client(acts) == b"250 queued\r\n221 bye\r\n"
+    assert acts[-1] == Close("client_closed")
+
+
+def test_backend_gone_before_its_banner_gives_421():
+    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0, backend_needed=True)
+    s.start()
+    acts = s.backend_data(b"", 0.1)
+    assert sent_client(acts).startswith(b"421 4.3.0") and "error" in events(acts)
+
+
+def test_ehlo_rebuilt_with_crlf_on_every_line():
+    s = started(SUSP)
+    s.client_data(b"EHLO bot\r\n", 1.0)
+    out = sent_client(s.backend_data(b"250-backend\r\n250-PIPELINING\r\n250-PIPECONNECT\r\n250\r\n", 1.0))
+    assert out == b"250-backend\r\n250 \r\n"
+
+
+def test_past_the_soft_limit_commands_wait_for_owed_replies(tmp_path):
+    lists = make_lists(tmp_path, rcptusers="bob\n")
+    pol = DEFAULTS["normal"]._replace(error_soft_limit=1, error_sleep=0)
+    s = started(pol, lists, client=NORMAL)
+    s.client_data(b"MAIL FROM:<a@b>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    acts = s.client_data(b"RCPT TO:<x@y>\r\nNOOP\r\nNOOP\r\n", 1.0)
+    assert sent_backend(acts) == b"NOOP\r\n", "one command in flight once errors pile up"
+    assert sent_backend(s.backend_data(b"250 ok\r\n", 1.0)) == b"NOOP\r\n"
 
 
 def test_error_hard_limit_drops_with_421(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import smtplib
 import subprocess
 import time
@@ -329,3 +330,89 @@ def test_connections_per_ip_are_capped_on_both_paths(tarpit_server):
     assert [e["limit"] for e in server.events("conn_limit")] == ["2", "1"]
     for s in held + [again, third, second]:
         s.close()
+
+
+def test_bdat_cannot_smuggle_recipients_past_rcptusers(tarpit_server):
+    """tarpit-sink has no CHUNKING: the bytes after BDAT are commands and get checked."""
+    server = tarpit_server(RULES, control_files={"rcptusers": "bob\n"})
+    sock = server.connect(GOOD)
+    recv_reply(sock)
+    sock.sendall(b"EHLO mail.example.com\r\n")
+    assert b"CHUNKING" not in recv_reply(sock)
+    sock.sendall(b"MAIL FROM:<a@example.org>\r\n")
+    recv_reply(sock)
+    inner = b"RCPT TO:<bob@example.com>\r\nRCPT TO:<eve@example.com>\r\n"
+    sock.sendall(b"BDAT %d\r\n" % len(inner) + inner)
+    got = b""
+    while got.count(b"\r\n") < 3:
+        got += sock.recv(4096)
+    assert [ln[:3] for ln in got.split(b"\r\n") if ln] == [b"500", b"250", b"550"], got
+    sock.close()
+    assert [e["rcpt"] for e in server.events("rcpt_reject")] == ["eve@example.com"]
+
+
+def test_pipelined_command_storm_does_not_deadlock(tarpit_server):
+    server = tarpit_server(RULES, control_files={"badheloarg": "localhost\n"})
+    sock = server.connect(GOOD, timeout=60)
+    recv_reply(sock)
+    n = 100_000
+    import threading
+
+    got = bytearray()
+
+    def reader():
+        while got.count(b"\r\n") < n:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    sock.sendall(b"NOOP\r\n" * n)
+    t.join(timeout=120)
+    assert got.count(b"250 ") == n, f"{got.count(b'250 ')} of {n} replies"
+    sock.close()
+
+
+def test_client_that_never_reads_is_timed_out(tarpit_server):
+    server = tarpit_server(RULES.replace('TCPREMOTEHOST="mail.example.com"',
+                                         'TCPREMOTEHOST="mail.example.com",TARPIT_TIMEOUT="2"'),
+                           control_files={"badheloarg": "localhost\n"})
+    import socket as _socket
+
+    sock = _socket.socket()
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+    sock.bind((GOOD, 0))
+    sock.connect(("127.0.0.1", server.port))
+    pid = pid_for(server, GOOD)
+    sock.setblocking(False)
+    sent, t = 0, time.monotonic()
+    while time.monotonic() - t < 3:
+        try:
+            sent += sock.send(b"NOOP\r\n" * 1000)
+        except BlockingIOError:
+            time.sleep(0.05)
+    server.wait_log(rf"tcpserver: end {pid} ", timeout=30)
+    assert server.events("end")[-1]["reason"] == "timeout"
+    sock.close()
+
+
+def test_replies_reach_a_client_that_half_closes_after_quit(tarpit_server):
+    server = tarpit_server(RULES, control_files={"badheloarg": "localhost\n"})
+    sock = server.connect(GOOD)
+    recv_reply(sock)
+    sock.sendall(b"HELO mail.example.com\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+    got = b""
+    while got.count(b"\r\n") < 4:
+        got += sock.recv(4096)
+    sock.sendall(b"Subject: half\r\n\r\nclose\r\n.\r\nQUIT\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    rest = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    assert rest.startswith(b"250 ") and b"\r\n221 " in rest, rest
+    assert server.messages() == [b"Subject: half\r\n\r\nclose\r\n"]

@@ -72,14 +72,6 @@ class Backend:
         self.sock = ours
         self.status: int | None = None
 
-    def send(self, data: bytes) -> bool:
-        """Send all of `data`; False when the backend has gone."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            return False
-
     def stop(self) -> int:
         """Close our end, give the backend a moment to exit on EOF, then TERM, then KILL; return its status."""
         import socket
@@ -238,25 +230,75 @@ def load_list(directory: str, name: str):
     return control.ControlList.load(directory, name)
 
 
+BUFFER_LIMIT = 256 * 1024  # bytes owed to one side before we stop reading the other
+CLOSE_FLUSH = 5.0          # seconds we keep trying to deliver the last replies at close
+
+
+class Outbox:
+    """Bytes owed to one side, written without blocking as the side accepts them.
+
+    A peer that stops reading must not stop us: writes never block, the caller
+    stops reading the other side while `full`, and `stalled_since` lets the
+    idle timeout cover a client that neither talks nor reads.
+    """
+
+    def __init__(self, send):
+        self.buf = bytearray()
+        self._send = send
+        self.gone = False
+        self.stalled_since = now()
+
+    @property
+    def full(self) -> bool:
+        return len(self.buf) >= BUFFER_LIMIT
+
+    def flush(self) -> bool:
+        """Write what the peer takes now; False once the peer has gone."""
+        while self.buf and not self.gone:
+            try:
+                n = self._send(self.buf)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                self.gone = True
+                self.buf.clear()
+                return False
+            del self.buf[:n]
+            self.stalled_since = now()
+        return not self.gone
+
+
+def client_outbox() -> Outbox:
+    """The client's Outbox: MSG_DONTWAIT sends on a socket, plain writes on anything else."""
+    import socket
+
+    try:
+        sock = socket.socket(fileno=os.dup(CLIENT_OUT))
+    except OSError:
+        return Outbox(lambda buf: os.write(CLIENT_OUT, buf))
+    return Outbox(lambda buf: sock.send(buf, socket.MSG_DONTWAIT))
+
+
 def run(session, program: list[str], log, slot: int | None = None) -> int:
     """Carry out the session's actions until it closes; return the exit status."""
     from libtarpit import session as S
 
     backend: Backend | None = None
+    to_client = to_backend = None
     todo = list(session.start())
-    status = 0
     while True:
         while todo:
             a = todo.pop(0)
             if isinstance(a, S.Log):
                 log.event(a.event, **dict(a.fields))
             elif isinstance(a, S.SendClient):
-                if not write_client(a.data):
-                    todo[:0] = session.client_data(b"", now())
-            elif isinstance(a, S.SendBackend):
-                if backend is None or not backend.send(a.data):
-                    todo[:0] = session.backend_data(b"", now())
+                to_client = to_client or client_outbox()
+                to_client.buf += a.data
+            elif isinstance(a, S.SendBackend) and to_backend is not None:
+                to_backend.buf += a.data
             elif isinstance(a, S.Sleep):
+                if to_client is not None:
+                    to_client.flush()  # replies owed before the held command go out first
                 from libtarpit.sleep import sleep
 
                 result = sleep(CLIENT_IN, a.seconds)
@@ -266,6 +308,9 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                     backend = Backend(program)
                 except OSError as e:
                     todo[:0] = session.fail("backend", f"{program[0]}: {e.strerror or e}")
+                    continue
+                backend.sock.setblocking(False)
+                to_backend = Outbox(backend.sock.send)
             elif isinstance(a, S.Exec):
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 if slot is not None:  # the backend keeps the connection slot (its lock survives exec)
@@ -275,28 +320,53 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                 except OSError as e:
                     return tempfail(log, "exec", f"{program[0]}: {e.strerror or e}")
             elif isinstance(a, S.Close):
-                status = a.status
-                if backend is not None:
-                    backend.stop()
-                return status
-        todo = wait(session, backend)
+                return close(a, to_client, backend, log)
+        if to_client is not None and not to_client.flush():
+            todo = session.client_gone(now())
+        elif to_backend is not None and not to_backend.flush():
+            todo = session.backend_data(b"", now())
+        else:
+            todo = wait(session, backend, to_client, to_backend)
 
 
-def wait(session, backend: Backend | None) -> list:
-    """Block until the client or the backend has something, or the deadline; return the session's actions."""
-    fds = [CLIENT_IN] + ([backend.sock.fileno()] if backend is not None else [])
+def close(action, to_client: Outbox | None, backend: Backend | None, log) -> int:
+    """Deliver the last replies (for a bounded time), stop the backend; return the exit status."""
+    end = now() + CLOSE_FLUSH
+    while to_client is not None and to_client.buf and to_client.flush() and now() < end:
+        select.select([], [CLIENT_OUT], [], max(0.0, end - now()))
+    if backend is not None:
+        status = backend.stop()
+        if action.reason == "backend_closed" and status:
+            log.event("error", what="backend", detail=f"exited with status {status}")
+    return action.status
+
+
+def wait(session, backend: Backend | None, to_client: Outbox | None, to_backend: Outbox | None) -> list:
+    """Block until a side has bytes for us or room for ours, or a deadline; return the session's actions."""
+    bfd = backend.sock.fileno() if backend is not None else None
+    readable = []
+    if session.wants_client() and not (to_backend is not None and to_backend.full):
+        readable.append(CLIENT_IN)
+    if bfd is not None and not (to_client is not None and to_client.full):
+        readable.append(bfd)
+    writable = ([CLIENT_OUT] if to_client is not None and to_client.buf else []) \
+        + ([bfd] if to_backend is not None and to_backend.buf else [])
     deadline = session.deadline()
+    if to_client is not None and to_client.buf:  # a client that does not read is idle too
+        stall = to_client.stalled_since + session.policy.idle_timeout
+        deadline = stall if deadline is None else min(deadline, stall)
     timeout = None if deadline is None else max(0.0, deadline - now())
-    ready, _, _ = select.select(fds, [], [], timeout)
-    if not ready:
+    ready, room, _ = select.select(readable, writable, [], timeout)
+    if not ready and not room:
         return session.timeout(now())
     out: list = []
-    if backend is not None and backend.sock.fileno() in ready:
+    if bfd is not None and bfd in ready:
         try:
-            data = backend.sock.recv(65536)
+            out += session.backend_data(backend.sock.recv(65536), now())
+        except (BlockingIOError, InterruptedError):
+            pass
         except OSError:
-            data = b""
-        out += session.backend_data(data, now())
+            out += session.backend_data(b"", now())
     if CLIENT_IN in ready and session.phase != "closed":
         out += session.client_data(read_client(), now())
     return out
