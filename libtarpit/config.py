@@ -161,6 +161,7 @@ GLOBAL_ENV: dict[str, str] = {
     "greylist_timeout": "TARPIT_GREYLIST_TIMEOUT",
 }
 
+_STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
 _POSITIVE = {"greylist_expire", "greylist_timeout", "greylist_delay"}
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -200,6 +201,8 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             return None
         if name in _CHOICES and value not in _CHOICES[name]:
             raise ValueError(raw)
+        if name == "greylist_url" and "://" in value and not value.startswith(_STORE_SCHEMES):
+            raise ValueError(raw)  # a typo must not silently become a SQLite file name
         if name == "rdns_server" and value:
             from .rdns import parse_server
 
