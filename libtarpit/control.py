@@ -22,13 +22,14 @@ lookup.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
 import struct
-import tempfile
-from typing import BinaryIO, Iterable
+
+TYPE_CHECKING = False  # typing, tempfile and ipaddress are loaded only where used:
+if TYPE_CHECKING:      # this module is imported on the proxy path of every connection
+    from typing import BinaryIO, Iterable
 
 import cdblib
 
@@ -296,6 +297,8 @@ def _is_address_literal(name: str) -> bool:
     if not (name.startswith("[") and name.endswith("]")):
         return False
     inner = name[1:-1]
+    import ipaddress
+
     try:
         if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])
@@ -411,6 +414,8 @@ def _verify(image: bytes, path: str, kind: str, keys: list[str]) -> None:
 
 def _write_atomic(out: str, keys: list[str], kind: str) -> None:
     directory = os.path.dirname(out) or "."
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w+b") as f:
