@@ -55,11 +55,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DYNAMIC = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
-TRUSTED, NORMAL, SUSPICIOUS = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+TRUSTED, NORMAL, SUSPICIOUS, SUSPICIOUS_GREY = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 RULES = (
     f'{TRUSTED}:allow,TCPREMOTEHOST="mail.example.com",RELAYCLIENT=""\n'
     f'{NORMAL}:allow,TCPREMOTEHOST="mail.example.com",TARPIT="0"\n'
     f'{SUSPICIOUS}:allow,TCPREMOTEHOST="{DYNAMIC}",TARPIT="600",TARPIT_GREYLIST="off"\n'
+    f'{SUSPICIOUS_GREY}:allow,TCPREMOTEHOST="{DYNAMIC}",TARPIT="600"\n'  # default taRgrey, SQLite store
     ":allow\n"
 )
 LATENCY_TARGET_MS = 25.0
@@ -470,11 +471,11 @@ def new_server(tools: Tools, name: str, command: list[str], env: dict[str, str],
 # --- 2. memory per held connection ----------------------------------------------------
 
 
-def hold(server: Server, k: int, tarpit: bool) -> list[socket.socket]:
+def hold(server: Server, k: int, tarpit: bool, src: str = SUSPICIOUS) -> list[socket.socket]:
     """Open k connections up to MAIL; with `tarpit`, send RCPT and wait until all are in the tarpit."""
     socks = []
     for _ in range(k):
-        s = to_rcpt(server, SUSPICIOUS)
+        s = to_rcpt(server, src)
         if tarpit:
             s.sendall(b"RCPT TO:<bob@example.com>\r\n")
         socks.append(s)
@@ -515,14 +516,19 @@ def bench_memory(tools: Tools, env: dict[str, str], rules: Path, backend: str, k
     socks = hold(alone, k, tarpit=False)
     _, base = measure_tree(tools, alone, wrapped=False)
     release(alone, socks)
-    wrapped = new_server(tools, f"mem-{backend}-wrapped", [*tools.wrapper, *cmd], env, rules, limit=k + 10)
-    socks = hold(wrapped, k, tarpit=True)
-    wrappers, backs = measure_tree(tools, wrapped, wrapped=True)
-    release(wrapped, socks)
-    if len(wrappers) != k or len(backs) != k or len(base) != k:
-        raise BenchError(f"expected {k} processes each, found wrappers={len(wrappers)} "
-                         f"backends={len(backs)} baseline={len(base)}")
-    return print_memory(k, wrappers, backs, base)
+    results = []
+    for label, src in (("greylist off", SUSPICIOUS), ("default taRgrey, SQLite store", SUSPICIOUS_GREY)):
+        print(f"-- {label}")
+        wrapped = new_server(tools, f"mem-{backend}-wrapped-{src}", [*tools.wrapper, *cmd], env, rules,
+                             limit=k + 10)
+        socks = hold(wrapped, k, tarpit=True, src=src)
+        wrappers, backs = measure_tree(tools, wrapped, wrapped=True)
+        release(wrapped, socks)
+        if len(wrappers) != k or len(backs) != k or len(base) != k:
+            raise BenchError(f"expected {k} processes each, found wrappers={len(wrappers)} "
+                             f"backends={len(backs)} baseline={len(base)}")
+        results += print_memory(k, wrappers, backs, base)
+    return results
 
 
 def print_memory(k: int, wrappers: list[dict], backs: list[dict], base: list[dict]) -> list[bool]:

@@ -41,8 +41,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
-from typing import Protocol
+
+from libtarpit.values import value
+
+TYPE_CHECKING = False  # typing and dataclasses would add ~4 MB to every tarpitted connection
+if TYPE_CHECKING:
+    from typing import Protocol
 
 from libtarpit.errors import StoreError
 from libtarpit.greystore import (
@@ -68,8 +72,14 @@ ACTIONS = ("tarpit", "defer", "pass")
 MAX_ADDRESS = 256
 
 
-@dataclass(frozen=True)
-class GreylistParams:
+_PARAM_DEFAULTS = {
+    "mode": "targrey", "delay": 1200, "retry_count": 2, "auto_whitelist": 3600,
+    "expire": 35 * 86400, "key": "net", "ipv4_prefix": 24, "ipv6_prefix": 64,
+    "timeout": 0.5, "greylist_normal": False,
+}
+
+
+class GreylistParams(value("GreylistParams", list(_PARAM_DEFAULTS), tuple(_PARAM_DEFAULTS.values()))):
     """Greylist knobs; defaults are seed 001's postgrey options.
 
     mode            "targrey" (tarpit first, greylist those who dropped), "tarpit" (only
@@ -84,18 +94,14 @@ class GreylistParams:
     greylist_normal also greylist normal (non-suspicious) clients by triple, postgrey style
     """
 
-    mode: str = "targrey"
-    delay: float = 1200
-    retry_count: int = 2
-    auto_whitelist: float = 3600
-    expire: float = 35 * 86400
-    key: str = "net"
-    ipv4_prefix: int = 24
-    ipv6_prefix: int = 64
-    timeout: float = 0.5
-    greylist_normal: bool = False
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args, **kwargs)
+        self._check()
+        return self
+
+    def _check(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"greylist mode must be one of {', '.join(MODES)}: {self.mode!r}")
         if self.key not in KEY_MODES:
@@ -106,8 +112,7 @@ class GreylistParams:
             raise ValueError("greylist delay, retry_count, auto_whitelist must be >= 0; expire, timeout > 0")
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(value("Decision", "action reason retry_after", (None,))):
     """The answer of Greylist.check.
 
     action       "tarpit" (sleep before answering), "defer" (450), "pass"
@@ -116,13 +121,13 @@ class Decision:
     retry_after  seconds until a retry can pass (defer only), for the 450 text
     """
 
-    action: str
-    reason: str
-    retry_after: float | None = None
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args, **kwargs)
         if self.action not in ACTIONS:
             raise ValueError(f"Decision action must be one of {', '.join(ACTIONS)}: {self.action!r}")
+        return self
 
 
 # Second-level labels that registries hand out under two-letter country codes: "x.co.jp"
@@ -182,16 +187,17 @@ def defer_text(decision: Decision) -> str:
     return "Greylisted, please try again"
 
 
-class Store(Protocol):
-    """What Greylist and tarpitctl need from a store; every method may raise StoreError."""
+if TYPE_CHECKING:
+    class Store(Protocol):
+        """What Greylist and tarpitctl need from a store; every method may raise StoreError."""
 
-    def view(self, client: str, sender: str, rcpt: str, now: float) -> View: ...
-    def hit(self, table: str, client: str, sender: str, rcpt: str, now: float, hit: Hit) -> tuple[Record, bool]: ...
-    def remove(self, table: str, client: str, sender: str = "", rcpt: str = "") -> int: ...
-    def delete(self, client: str, sender: str | None = None, rcpt: str | None = None) -> int: ...
-    def records(self, now: float | None = None) -> list[Record]: ...
-    def purge(self, now: float) -> int: ...
-    def close(self) -> None: ...
+        def view(self, client: str, sender: str, rcpt: str, now: float) -> View: ...
+        def hit(self, table: str, client: str, sender: str, rcpt: str, now: float, hit: Hit) -> tuple[Record, bool]: ...
+        def remove(self, table: str, client: str, sender: str = "", rcpt: str = "") -> int: ...
+        def delete(self, client: str, sender: str | None = None, rcpt: str | None = None) -> int: ...
+        def records(self, now: float | None = None) -> list[Record]: ...
+        def purge(self, now: float) -> int: ...
+        def close(self) -> None: ...
 
 
 def open_store(url: str, *, timeout: float) -> Store:

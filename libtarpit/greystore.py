@@ -18,12 +18,14 @@ can drive it.  Redis TTLs (and `purge` for SQLite) only collect the dead ones.
 
 from __future__ import annotations
 
-import hashlib
-import random
 import sqlite3
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Iterator
+
+from libtarpit.values import value
+
+TYPE_CHECKING = False  # typing and dataclasses would add ~4 MB to every tarpitted connection
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 from libtarpit.errors import StoreError
 
@@ -33,19 +35,10 @@ WHITE = "white"
 TABLES = (TRIPLE, TARPIT, WHITE)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(value("Record", "table client sender rcpt first last count until passed", (False,))):
     """One greylist record.  `sender`/`rcpt` are "" for tarpit and white records."""
 
-    table: str
-    client: str
-    sender: str
-    rcpt: str
-    first: float
-    last: float
-    count: int
-    until: float
-    passed: bool = False
+    __slots__ = ()
 
     @property
     def kind(self) -> str:
@@ -59,17 +52,13 @@ class Record:
         return self.until > now
 
 
-@dataclass(frozen=True)
-class View:
-    """The live records `Greylist.check` needs, read together."""
+class View(value("View", "white tarpit triple")):
+    """The live records `Greylist.check` needs, read together (each a Record or None)."""
 
-    white: Record | None
-    tarpit: Record | None
-    triple: Record | None
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(value("Hit", "ttl add count_before pass_at set_passed", (0, None, None, False))):
     """One atomic update of a record (created when absent or expired).
 
     ttl            the record lives at least until now + ttl (never shortened)
@@ -79,11 +68,7 @@ class Hit:
     set_passed     mark the record passed
     """
 
-    ttl: float
-    add: int = 0
-    count_before: float | None = None
-    pass_at: int | None = None
-    set_passed: bool = False
+    __slots__ = ()
 
 
 def apply_hit(old: Record | None, key: tuple[str, str, str, str], now: float, hit: Hit) -> Record:
@@ -94,7 +79,7 @@ def apply_hit(old: Record | None, key: tuple[str, str, str, str], now: float, hi
     if hit.count_before is not None and old.first <= hit.count_before:
         count += 1
     passed = old.passed or hit.set_passed or (hit.pass_at is not None and count >= hit.pass_at)
-    return replace(old, last=now, count=count, until=max(old.until, now + hit.ttl), passed=passed)
+    return old._replace(last=now, count=count, until=max(old.until, now + hit.ttl), passed=passed)
 
 
 # ---------------------------------------------------------------- SQLite
@@ -166,6 +151,8 @@ class SQLiteStore:
             except sqlite3.Error as e:
                 self._rollback()
                 if _busy(e) and time.monotonic() < deadline:
+                    import random
+
                     time.sleep(random.uniform(0.005, 0.03))
                     continue
                 raise StoreError(f"sqlite {self.path}: {e}") from e
@@ -324,6 +311,8 @@ class RedisStore:
     def _key(self, table: str, client: str, sender: str = "", rcpt: str = "") -> str:
         if table != TRIPLE:
             return f"{self.prefix}{table}:{client}"
+        import hashlib
+
         digest = hashlib.sha1(f"{sender}\0{rcpt}".encode("utf-8", "replace")).hexdigest()[:24]
         return f"{self.prefix}{table}:{client}#{digest}"
 

@@ -30,7 +30,6 @@ import math
 import os
 import select
 import struct
-import termios
 import time
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 
@@ -150,6 +149,8 @@ class _Watch:
 def _pending(fd: int) -> int:
     """Bytes queued for reading on fd (sockets and pipes); -1 if the fd cannot say."""
     try:
+        import termios  # only after max_early bytes: termios is large for a per-connection process
+
         raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError:
         return -1

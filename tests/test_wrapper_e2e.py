@@ -416,3 +416,17 @@ def test_replies_reach_a_client_that_half_closes_after_quit(tarpit_server):
         rest += chunk
     assert rest.startswith(b"250 ") and b"\r\n221 " in rest, rest
     assert server.messages() == [b"Subject: half\r\n\r\nclose\r\n"]
+
+
+def test_backend_inherits_only_the_three_standard_fds(tarpit_server, tmp_path):
+    fds = tmp_path / "fds"
+    server = tarpit_server(RULES.replace('TARPIT="3"', 'TARPIT="1",TARPIT_MAX_PER_IP="3"'),
+                           command=["tarpit-smtpd", "sh", "-c",
+                                    f'ls -l /proc/self/fd > {fds}; exec tarpit-sink "$0"', str(tmp_path / "md")])
+    with smtp_from(server, BOT) as s:
+        assert s.noop()[0] == 250
+    assert server.events("connect")[0]["class"] == "suspicious", "proxy path, greylist store open"
+    # what ls (started like the backend, by its shell) inherited; minus its own /proc directory handle
+    inherited = sorted(ln.split(" -> ")[0].split()[-1] for ln in fds.read_text().splitlines()
+                       if " -> " in ln and "/proc/" not in ln)
+    assert inherited == ["0", "1", "2"], fds.read_text()
