@@ -430,3 +430,13 @@ def test_backend_inherits_only_the_three_standard_fds(tarpit_server, tmp_path):
     inherited = sorted(ln.split(" -> ")[0].split()[-1] for ln in fds.read_text().splitlines()
                        if " -> " in ln and "/proc/" not in ln)
     assert inherited == ["0", "1", "2"], fds.read_text()
+
+
+def test_relayclient_users_are_served_even_with_a_broken_allow_list(tarpit_server):
+    server = tarpit_server(RULES, control_files={"s25r-allow": "/unclosed[regex/\n"})
+    sock = server.connect(TRUSTED)
+    assert recv_reply(sock).startswith(b"220"), "our own users are not refused for a broken allow-list"
+    sock.close()
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        smtp_from(server, GOOD)
+    assert e.value.smtp_code == 451, "everyone else gets the temporary failure"

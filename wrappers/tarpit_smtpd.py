@@ -147,7 +147,6 @@ def tempfail(log, what: str, detail: str) -> int:
 
 def setup(opts: dict[str, str], env: dict[str, str], log):
     """Read configuration, control files and classify: return (session, greylist) or an exit status."""
-    from libtarpit import s25r
     from libtarpit.config import ConfigError
     from libtarpit.errors import ControlError
     from libtarpit.client import classify
@@ -173,8 +172,14 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
             log.event("error", what="rdns", detail=err)
         log.update(host=host or "-")
     try:
-        allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
-        verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)
+        verdict = None
+        if "RELAYCLIENT" not in env or cfg.force_class:
+            # RELAYCLIENT makes the client trusted whatever S25R says: skip the rules and
+            # the allow-list (and a broken allow-list does not lock out our own users)
+            from libtarpit import s25r
+
+            allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
+            verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)
         key = ip
         client = classify(ip, host, relayclient="RELAYCLIENT" in env, verdict=verdict,
                           force_class=cfg.force_class)
