@@ -519,7 +519,9 @@ def bench_memory(tools: Tools, env: dict[str, str], rules: Path, backend: str, k
     results = []
     for label, src in (("greylist off", SUSPICIOUS), ("default taRgrey, SQLite store", SUSPICIOUS_GREY)):
         print(f"-- {label}")
-        wrapped = new_server(tools, f"mem-{backend}-wrapped-{src}", [*tools.wrapper, *cmd], env, rules,
+        # a store of its own: clients released by an earlier run were recorded as lost in the tarpit
+        own = dict(env, TARPIT_GREYLIST_URL=str(tools.work / f"greylist-mem-{backend}-{src}.sqlite"))
+        wrapped = new_server(tools, f"mem-{backend}-wrapped-{src}", [*tools.wrapper, *cmd], own, rules,
                              limit=k + 10)
         socks = hold(wrapped, k, tarpit=True, src=src)
         wrappers, backs = measure_tree(tools, wrapped, wrapped=True)
