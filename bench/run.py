@@ -852,7 +852,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of: latency, memory, exit, install")
     p.add_argument("--backends", default="mini,sink", help="comma list of: mini, sink")
     p.add_argument("--wrapper", metavar="COMMAND",
-                   help="the wrapper command to measure, e.g. \"/tmp/v/bin/python bench/prototypes/quick_exit.py\" "
+                   help="the wrapper command to measure, e.g. \"/tmp/v/bin/python bench/prototypes/early_exec.py\" "
                         "(default: tarpit-smtpd next to this Python)")
     p.add_argument("--venv", metavar="DIR",
                    help="for `install`: build the venvs in DIR/editable and DIR/regular (from a copy "

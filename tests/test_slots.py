@@ -11,11 +11,11 @@ import pytest
 from libtarpit.slots import acquire
 
 HOLD = """
-import sys, time
+import signal, sys
 from libtarpit.slots import acquire
 fd = acquire(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 print("held" if fd is not None else "full", flush=True)
-time.sleep(60)
+signal.pause()  # hold the slot until the test kills us
 """
 
 
