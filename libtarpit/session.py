@@ -1,21 +1,21 @@
 """Sans-I/O policy state machine for one SMTP connection.
 
 Public names:
-  Client          who is connecting: ip, name, class, S25R rule (frozen)
-  classify        environment facts + S25R verdict -> Client
+  Client, classify  re-exported from libtarpit.client
   Lists           the control lists a session consults (badheloarg, rcptusers)
   SendClient, SendBackend, Sleep, StartBackend, Exec, Close, Log
-                  the actions a driver carries out (frozen dataclasses)
+                  the actions a driver carries out (immutable values, libtarpit.values)
   Session         feed it time, client bytes, backend bytes and sleep results;
                   it returns the actions, in order
   PHASES, TRANSITIONS
                   the phases of a session and the only moves between them
 
 The driver owns every socket, process and clock.  It calls `start()`, then
-for each event one of `client_data`, `backend_data`, `sleep_done`, `timeout`
-and carries out the returned actions in order.  A `Sleep` action means: run a
-disconnect-aware sleep on the client fd and hand the result to `sleep_done`;
-nothing else is fed to the session meanwhile.
+for each event one of `client_data`, `backend_data`, `sleep_done`, `timeout`,
+`client_gone`, `fail` and carries out the returned actions in order.  A `Sleep`
+action means: run a disconnect-aware sleep on the client fd and hand the result
+to `sleep_done`; nothing else is fed to the session meanwhile.  The driver reads
+the client only while `wants_client()` and waits no longer than `deadline()`.
 
 Order of checks, applied in `_rcpt` and nowhere else: allow-lists decide the
 class before the session starts (trusted clients never get here on the
