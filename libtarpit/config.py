@@ -117,6 +117,7 @@ _GLOBAL_DEFAULTS: dict[str, Any] = {
     "state_dir": "/var/lib/tarpit-smtpd", "greylist_url": "/var/lib/tarpit-smtpd/greylist.sqlite",
     "greylist_delay": 1200.0, "greylist_retries": 2, "greylist_whitelist": 3600.0,
     "greylist_expire": 35 * 86400.0, "greylist_key": "net", "greylist_timeout": 0.5,
+    "greylist_ipv4_prefix": 24, "greylist_ipv6_prefix": 64,
 }
 
 
@@ -159,10 +160,13 @@ GLOBAL_ENV: dict[str, str] = {
     "greylist_expire": "TARPIT_GREYLIST_EXPIRE",
     "greylist_key": "TARPIT_GREYLIST_KEY",
     "greylist_timeout": "TARPIT_GREYLIST_TIMEOUT",
+    "greylist_ipv4_prefix": "TARPIT_GREYLIST_IPV4_PREFIX",
+    "greylist_ipv6_prefix": "TARPIT_GREYLIST_IPV6_PREFIX",
 }
 
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
-_POSITIVE = {"greylist_expire", "greylist_timeout", "greylist_delay"}
+_INT_MAX = {"greylist_ipv4_prefix": 32, "greylist_ipv6_prefix": 128}
+_POSITIVE = {"greylist_expire", "greylist_timeout"}
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("enforce", "warn"),
@@ -193,7 +197,7 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             return value
         if kind in (int, "int"):
             value = int(raw)
-            if value < 0:
+            if value < 0 or value > _INT_MAX.get(name, value):
                 raise ValueError(raw)
             return value
         value = str(raw).strip()

@@ -131,3 +131,15 @@ def test_redis_down_mail_still_flows_and_the_error_is_logged(tarpit_server, redi
     assert time.monotonic() - t < 10
     assert server.messages() == [MSG]
     assert [e["what"] for e in server.events("error")][:1] == ["greylist"]
+
+
+def test_greylist_network_size_is_configurable(tarpit_server):
+    """With /32 keys a sibling address is a stranger: it gets its own first-contact tarpit."""
+    rules = RULES.replace(KNOBS, KNOBS + ',TARPIT_GREYLIST_IPV4_PREFIX="32"')
+    server = tarpit_server(rules)
+    assert attempt(server, BOT, give_up_after=0.3) == b""
+    wait_event(server, "tarpit_lost", 1)
+    t = time.monotonic()
+    assert attempt(server, PATIENT).startswith(b"250"), "127.0.0.6 is not 127.0.0.3 under /32"
+    assert time.monotonic() - t >= 1.9
+    assert not server.events("greylist_defer")

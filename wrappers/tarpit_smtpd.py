@@ -199,7 +199,8 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         params = gl.GreylistParams(mode=policy.greylist, delay=cfg.greylist_delay,
                                    retry_count=cfg.greylist_retries, auto_whitelist=cfg.greylist_whitelist,
                                    expire=cfg.greylist_expire, key=cfg.greylist_key,
-                                   timeout=cfg.greylist_timeout,
+                                   timeout=cfg.greylist_timeout, ipv4_prefix=cfg.greylist_ipv4_prefix,
+                                   ipv6_prefix=cfg.greylist_ipv6_prefix,
                                    greylist_normal=client.cls != "suspicious" and policy.greylist == "greylist")
         key = gl.client_key(ip, host if name_trusted else None, params)
         greylist = gl.Greylist(gl.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout), params)
