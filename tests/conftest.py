@@ -30,7 +30,7 @@ def need(binary: str) -> str:
                     "dnsmasq": "dnsmasq-base"}
         if os.environ.get("TARPIT_REQUIRE_ALL"):
             pytest.fail(f"{binary} not installed but TARPIT_REQUIRE_ALL is set (CI installs everything)")
-        pytest.skip(f"{binary} not installed (Debian package {packages.get(binary, binary)}); "
+        pytest.skip(f"{binary} not installed (Debian package {packages.get(os.path.basename(binary), binary)}); "
                     "the README test command installs it")
     return path
 

@@ -23,10 +23,17 @@ from libtarpit.control import (
     rcpt_valid,
     stale_cdb,
 )
+from conftest import need
 from libtarpit.errors import ControlError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "control-examples"
-needs_tinycdb = pytest.mark.skipif(shutil.which("cdb") is None, reason="tinycdb's cdb command is not installed")
+@pytest.fixture
+def tinycdb():
+    """tinycdb's `cdb` command (skips, or fails under TARPIT_REQUIRE_ALL, when it is missing)."""
+    return need("cdb")
+
+
+needs_tinycdb = pytest.mark.usefixtures("tinycdb")
 
 
 def write(path: Path, text: str) -> Path:

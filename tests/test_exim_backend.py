@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import children_of, cmdline, recv_reply
+from conftest import children_of, cmdline, need, recv_reply
 
 EXIM = "/usr/sbin/exim4"
 TEMPLATE = Path(__file__).parent / "exim" / "exim.conf.in"
@@ -96,7 +96,7 @@ def exim(tmp_path):
     Exim user, which must reach the config, spool and Maildir.
     """
     if not os.path.exists(EXIM):
-        pytest.skip(f"{EXIM} not installed (Debian package exim4-daemon-light)")
+        need(EXIM)  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
     root = Path(tempfile.mkdtemp(prefix="tarpit-exim-"))
     try:
         root.chmod(0o755)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from conftest import need
 from libtarpit.errors import StoreError
 from libtarpit.greylist import (
     Decision,
@@ -41,7 +42,7 @@ def _free_port() -> int:
 
 def _start_redis(tmp_dir) -> tuple[subprocess.Popen, int]:
     if not os.path.exists(REDIS_SERVER) and not shutil.which("redis-server"):
-        pytest.skip(f"{REDIS_SERVER} is missing (install the redis-server package)")
+        need("redis-server")  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
     binary = REDIS_SERVER if os.path.exists(REDIS_SERVER) else shutil.which("redis-server")
     port = _free_port()
     proc = subprocess.Popen(

@@ -106,7 +106,7 @@ def describe_class(cls: str, pol, present: dict[str, bool]) -> str:
     """One paragraph: what a client of class `cls` gets."""
     helo = pol.helo_check and present["badheloarg"]
     rcpt = pol.rcpt_check and present["rcptusers"]
-    proxy = pol.needs_proxy or helo or rcpt
+    proxy = not pol.fast_path(present["badheloarg"], present["rcptusers"])  # the wrapper's own rule
     parts = [f"greet pause {pol.greet_pause:g} s"]
     if pol.tarpit > 0 and pol.tarpit_action != "ignore":
         parts.append(f"tarpit {pol.tarpit:g} s at {pol.tarpit_stage.upper()} ({pol.tarpit_action})")
