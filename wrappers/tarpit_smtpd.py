@@ -146,7 +146,7 @@ def tempfail(log, what: str, detail: str) -> int:
 
 
 def setup(opts: dict[str, str], env: dict[str, str], log):
-    """Read configuration, control files and classify: return (session, greylist) or an exit status."""
+    """Read configuration, control files and classify: return (session, slot fd or None) or an exit status."""
     from libtarpit.config import ConfigError
     from libtarpit.errors import ControlError
     from libtarpit.client import classify
@@ -159,10 +159,11 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         return tempfail(log, "config", str(e))
     ip = env.get("TCPREMOTEIP", "")
     host = env.get("TCPREMOTEHOST") or None
+    relay = "RELAYCLIENT" in env
     # A name from tcpserver is trusted when it ran with -p (TARPIT_TRUST_HOST=1, the default);
     # with TARPIT_RDNS=1 we confirm the name ourselves when it is missing or not trusted.
     name_trusted = cfg.trust_host
-    if cfg.rdns and ip and (host is None or not name_trusted) and "RELAYCLIENT" not in env:
+    if cfg.rdns and ip and (host is None or not name_trusted) and not relay:
         from libtarpit.rdns import confirmed_name, parse_server
 
         servers, port = parse_server(cfg.rdns_server) if cfg.rdns_server else (None, 53)
@@ -173,7 +174,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         log.update(host=host or "-")
     try:
         verdict = None
-        if "RELAYCLIENT" not in env or cfg.force_class:
+        if not relay or cfg.force_class:
             # RELAYCLIENT makes the client trusted whatever S25R says: skip the rules and
             # the allow-list (and a broken allow-list does not lock out our own users)
             from libtarpit import s25r
@@ -181,7 +182,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
             allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
             verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)
         key = ip
-        client = classify(ip, host, relayclient="RELAYCLIENT" in env, verdict=verdict,
+        client = classify(ip, host, relayclient=relay, verdict=verdict,
                           force_class=cfg.force_class)
         policy = cfg.policy(client.cls)
         from libtarpit.session import Lists
@@ -286,9 +287,11 @@ def client_outbox() -> Outbox:
     """The client's Outbox: MSG_DONTWAIT sends on a socket, plain writes on anything else."""
     import _socket
 
+    fd = os.dup(CLIENT_OUT)
     try:
-        sock = _socket.socket(fileno=os.dup(CLIENT_OUT))
-    except OSError:
+        sock = _socket.socket(fileno=fd)
+    except OSError:  # not a socket (a pipe, a terminal): plain writes
+        os.close(fd)
         return Outbox(lambda buf: os.write(CLIENT_OUT, buf))
     return Outbox(lambda buf: sock.send(buf, _socket.MSG_DONTWAIT))
 
