@@ -30,7 +30,7 @@ from collections import deque
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 
 from . import smtp
-from .client import Client, classify
+from .client import Client, classify  # noqa: F401  (re-exported: see the module docstring)
 from .config import ClassPolicy
 from .values import value
 

@@ -318,13 +318,14 @@ def test_connections_per_ip_are_capped_on_both_paths(tarpit_server):
 
     first = server.connect(GOOD)  # fast path: the exec'd backend keeps the slot
     assert recv_reply(first).startswith(b"220")
+    first_pid = pid_for(server, GOOD)
     assert server.events("exec")
     second = server.connect(GOOD)
     assert recv_reply(second).startswith(b"421 4.7.0")
     first.sendall(b"QUIT\r\n")
     recv_reply(first)
     first.close()
-    time.sleep(0.3)
+    server.wait_log(rf"tcpserver: end {first_pid} ")  # the backend holding the slot has exited
     with smtp_from(server, GOOD) as s:
         assert s.noop()[0] == 250
     assert [e["limit"] for e in server.events("conn_limit")] == ["2", "1"]
