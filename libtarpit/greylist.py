@@ -2,6 +2,7 @@
 
 Public names:
   GreylistParams   the knobs (mode, delay, retry_count, auto_whitelist, expire, key, prefixes, timeout)
+  params_for       GreylistParams for one client class from a libtarpit.config.Config (None when off)
   Decision         what `check` answers: action tarpit | defer | pass, a reason token, retry_after
   client_key       the client part of a triple: its /24 (IPv6 /64), or in "name" mode its
                    forward-confirmed reverse name minus the first label
@@ -62,7 +63,7 @@ from libtarpit.greystore import (
 )
 
 __all__ = [
-    "GreylistParams", "Decision", "client_key", "normalize_address", "Greylist", "defer_text",
+    "GreylistParams", "params_for", "Decision", "client_key", "normalize_address", "Greylist", "defer_text",
     "Store", "open_store", "Record", "View", "Hit", "SQLiteStore", "RedisStore", "StoreError",
 ]
 
@@ -110,6 +111,28 @@ class GreylistParams(value("GreylistParams", list(_PARAM_DEFAULTS), tuple(_PARAM
             raise ValueError("greylist prefixes must be 0-32 (IPv4) and 0-128 (IPv6)")
         if min(self.delay, self.auto_whitelist, self.retry_count) < 0 or self.expire <= 0 or self.timeout <= 0:
             raise ValueError("greylist delay, retry_count, auto_whitelist must be >= 0; expire, timeout > 0")
+
+
+def params_for(cfg, cls: str, *, mode: str | None = None) -> GreylistParams | None:
+    """Return the greylist knobs for a client of class `cls`, or None when its greylist is "off".
+
+    `cfg` is a libtarpit.config.Config: the mode is cfg.policy(cls).greylist, everything else
+    the cfg.greylist_* globals; greylist_normal is on for a class other than "suspicious" in
+    mode "greylist".  `mode` replaces the class's mode (tarpitctl passes "targrey" to build
+    keys for a class whose greylist is off).  The wrapper and tarpitctl both build their
+    parameters here, so the keys one writes are the keys the other reads.
+    Raises ValueError when the knobs are out of range (Config has checked them already).
+    """
+    if mode is None:
+        mode = cfg.policy(cls).greylist
+    if mode == "off":
+        return None
+    return GreylistParams(
+        mode=mode, delay=cfg.greylist_delay, retry_count=cfg.greylist_retries,
+        auto_whitelist=cfg.greylist_whitelist, expire=cfg.greylist_expire, key=cfg.greylist_key,
+        ipv4_prefix=cfg.greylist_ipv4_prefix, ipv6_prefix=cfg.greylist_ipv6_prefix,
+        timeout=cfg.greylist_timeout, greylist_normal=cls != "suspicious" and mode == "greylist",
+    )
 
 
 class Decision(value("Decision", "action reason retry_after", (None,))):

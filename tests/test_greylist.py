@@ -377,11 +377,21 @@ def test_sqlite_locked_past_the_timeout_raises_store_error_not_hang(tmp_path):
 # ------------------------------------------------------------ tarpitctl greylist
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tarpitctl from this tree, not an installed copy: wrappers/ is the package tarpit_wrappers
+_TARPITCTL = (
+    "import sys, types; sys.path.insert(0, sys.argv.pop(1)); "
+    "m = types.ModuleType('tarpit_wrappers'); m.__path__ = [sys.path[0] + '/wrappers']; "
+    "sys.modules['tarpit_wrappers'] = m; "
+    "from tarpit_wrappers.tarpitctl import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "TARPIT_GREYLIST_URL"}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TARPIT")}
     full_env.update(env or {})
-    return subprocess.run(["tarpitctl", "greylist", *args], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocess.run([sys.executable, "-c", _TARPITCTL, ROOT, "greylist", *args], capture_output=True,
+                          text=True, env=full_env, timeout=60, cwd="/")
 
 
 def test_ctl_list_whitelist_add_delete_purge(store_url):
@@ -432,3 +442,45 @@ def test_ctl_store_down_exits_111_with_message(tmp_path):
 def test_ctl_usage_errors_exit_100(tmp_path):
     assert ctl("--store", str(tmp_path / "g.sqlite"), "delete", C, "only-sender").returncode == 100
     assert ctl("frobnicate").returncode == 100
+
+
+def test_params_for_mirrors_the_config_per_class():
+    from libtarpit.config import load_config
+    from libtarpit.greylist import params_for
+
+    cfg = load_config({}, "greylist_ipv4_prefix = 32\ngreylist_delay = 300\ngreylist_key = 'name'\n"
+                      "[normal]\ngreylist = 'greylist'\n", "tarpit.toml")
+    sus = params_for(cfg, "suspicious")
+    assert (sus.mode, sus.ipv4_prefix, sus.ipv6_prefix, sus.delay, sus.key, sus.greylist_normal) == (
+        "targrey", 32, 64, 300, "name", False)
+    assert params_for(cfg, "normal").greylist_normal is True
+    assert params_for(cfg, "trusted") is None  # greylist off for trusted clients by default
+    assert params_for(cfg, "trusted", mode="targrey").ipv4_prefix == 32
+
+
+def test_ctl_keys_follow_the_configured_prefix_unless_an_option_overrides_it(tmp_path):
+    from libtarpit.config import load_config
+    from libtarpit.greylist import params_for
+
+    toml = "greylist_ipv4_prefix = 32\n"
+    (tmp_path / "tarpit.toml").write_text(toml)
+    url = str(tmp_path / "greylist.sqlite")
+    env = {"TARPIT_CONFIG": str(tmp_path / "tarpit.toml"), "TARPIT_GREYLIST_URL": url}
+    cfg = load_config({}, toml, "tarpit.toml")
+    wrapper_key = client_key("127.0.0.3", None, params_for(cfg, "suspicious"))
+    assert wrapper_key == "127.0.0.3/32"
+
+    added = ctl("whitelist-add", "127.0.0.3", "--seconds", "600", env=env)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.split("\t")[1] == wrapper_key
+    store = open_store(url, timeout=2)
+    assert [r.client for r in store.records(time.time())] == [wrapper_key]
+    g = Greylist(store, params_for(cfg, "suspicious"))
+    assert g.check(wrapper_key, S, R, time.time()) == Decision("pass", "whitelisted")
+
+    wide = ctl("whitelist-add", "127.0.0.3", "--ipv4-prefix", "24", env=env)
+    assert wide.stdout.split("\t")[1] == "127.0.0.0/24"
+    assert ctl("delete", "127.0.0.3", env=env).stdout.strip() == "deleted 1"  # the /32 one
+    assert [r.client for r in store.records(time.time())] == ["127.0.0.0/24"]
+    assert ctl("delete", "127.0.0.3", "--ipv4-prefix", "24", env=env).stdout.strip() == "deleted 1"
+    assert ctl("whitelist-add", "127.0.0.3", "--ipv4-prefix", "33", env=env).returncode == 100

@@ -5,8 +5,12 @@
   tarpitctl greylist [--store URL|PATH] whitelist-add CLIENT [--seconds N]
   tarpitctl greylist [--store URL|PATH] delete CLIENT [SENDER RCPT]
 
-The store defaults to $TARPIT_GREYLIST_URL, else greylist_url in tarpit.toml, else DEFAULT_STORE.  `list` prints one record
-a line, tab-separated: kind, client, sender, rcpt, first seen, last seen, count, expires
+The store defaults to $TARPIT_GREYLIST_URL, else greylist_url in tarpit.toml, else DEFAULT_STORE.
+A bare IP given as CLIENT becomes the key the wrapper would use for a suspicious client:
+libtarpit.greylist.params_for(config, "suspicious") names the network sizes and key mode
+(tarpit.toml greylist_ipv4_prefix, greylist_ipv6_prefix, greylist_key and their
+environment variables); --ipv4-prefix and --ipv6-prefix override them only when given.
+`list` prints one record a line, tab-separated: kind, client, sender, rcpt, first seen, last seen, count, expires
 (times in UTC, ISO 8601).  Exit codes: 0 ok, 1 nothing to delete, 100 usage, 111 store error.
 """
 
@@ -21,7 +25,15 @@ import time
 from datetime import datetime, timezone
 
 from libtarpit.errors import StoreError
-from libtarpit.greylist import Greylist, GreylistParams, Record, client_key, normalize_address, open_store
+from libtarpit.greylist import (
+    Greylist,
+    GreylistParams,
+    Record,
+    client_key,
+    normalize_address,
+    open_store,
+    params_for,
+)
 
 DEFAULT_STORE = "/var/lib/tarpit-smtpd/greylist.sqlite"
 DEFAULT_WHITELIST_SECONDS = 35 * 86400
@@ -41,25 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("client")
     wl.add_argument("--seconds", type=float, default=DEFAULT_WHITELIST_SECONDS,
                     help=f"how long (default {DEFAULT_WHITELIST_SECONDS}, 35 days)")
-    wl.add_argument("--ipv4-prefix", type=int, default=24, help="network of a bare IPv4 address (default 24)")
-    wl.add_argument("--ipv6-prefix", type=int, default=64, help="network of a bare IPv6 address (default 64)")
     de = sub.add_parser("delete", help="delete a client's records, or one triple")
     de.add_argument("client")
+    for p in (wl, de):
+        p.add_argument("--ipv4-prefix", type=int, help="network of a bare IPv4 address "
+                       "(default: greylist_ipv4_prefix of the configuration, 24)")
+        p.add_argument("--ipv6-prefix", type=int, help="network of a bare IPv6 address "
+                       "(default: greylist_ipv6_prefix of the configuration, 64)")
     de.add_argument("triple", nargs="*", metavar="SENDER RCPT", help="only this triple (<> is the null sender)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; return the exit status (0, 1, 100 or 111)."""
-    url = args.store
-    if not url:
-        from libtarpit.config import ConfigError
-        from tarpit_wrappers.settings import read_config
+    from libtarpit.config import ConfigError
+    from tarpit_wrappers.settings import read_config
 
-        try:
-            url = read_config(os.environ)[0].greylist_url  # $TARPIT_GREYLIST_URL, tarpit.toml, default
-        except (OSError, UnicodeDecodeError, ConfigError) as e:
-            print(f"tarpitctl: {e}", file=sys.stderr)
-            return 100
+    try:
+        cfg = read_config(os.environ)[0]  # $TARPIT_*, tarpit.toml, defaults: what the wrapper reads
+        args.params = _key_params(cfg, args)
+    except (OSError, UnicodeDecodeError, ConfigError, ValueError) as e:
+        print(f"tarpitctl: {e}", file=sys.stderr)
+        return 100
+    url = args.store or cfg.greylist_url
     if args.action == "delete" and len(args.triple) not in (0, 2):
         print("tarpitctl greylist: delete takes CLIENT or CLIENT SENDER RCPT", file=sys.stderr)
         return 100
@@ -106,24 +121,37 @@ def _purge(store, args: argparse.Namespace, now: float) -> int:
     return 0
 
 
-def _key(client: str, v4: int, v6: int) -> str:
-    """A bare IP becomes its network key, as the session would build it; anything else is kept."""
+def _key_params(cfg, args: argparse.Namespace) -> GreylistParams:
+    """The wrapper's parameters for a suspicious client, prefixes overridden by the options given.
+
+    Raises ValueError for a prefix out of range.
+    """
+    params = params_for(cfg, "suspicious") or params_for(cfg, "suspicious", mode="targrey")
+    for name in ("ipv4_prefix", "ipv6_prefix"):
+        given = getattr(args, name, None)
+        if given is not None:
+            params = GreylistParams(**{**params._asdict(), name: given})  # checked again
+    return params
+
+
+def _key(client: str, params: GreylistParams) -> str:
+    """A bare IP becomes its network key, as the wrapper builds it; anything else is kept."""
     try:
         ipaddress.ip_address(client)
     except ValueError:
         return client.strip().lower()
-    return client_key(client, None, GreylistParams(ipv4_prefix=v4, ipv6_prefix=v6))
+    return client_key(client, None, params)
 
 
 def _whitelist_add(store, args: argparse.Namespace, now: float) -> int:
-    key = _key(args.client, args.ipv4_prefix, args.ipv6_prefix)
-    rec = Greylist(store, GreylistParams()).whitelist_add(key, args.seconds, now)
+    key = _key(args.client, args.params)
+    rec = Greylist(store, args.params).whitelist_add(key, args.seconds, now)
     print(f"whitelisted\t{_field(key)}\tuntil\t{_iso(rec.until)}")
     return 0
 
 
 def _delete(store, args: argparse.Namespace, now: float) -> int:
-    key = _key(args.client, 24, 64)
+    key = _key(args.client, args.params)
     sender = rcpt = None
     if args.triple:
         sender, rcpt = (normalize_address("" if a == "<>" else a) for a in args.triple)
