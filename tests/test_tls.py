@@ -19,20 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
 from libtarpit.errors import ControlError
 from libtarpit.tls import ServerTLS, TLSFailed, describe, load_context
-
-
-def make_cert(directory: Path, cn: str = "mx.example.com", days: int = 2) -> tuple[Path, Path, Path]:
-    """Make a self-signed RSA certificate; return (cert.pem, key.pem, combined.pem with key and cert)."""
-    need("openssl")
-    cert, key, combined = directory / "cert.pem", directory / "key.pem", directory / "servercert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                    "-days", str(days), "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    combined.write_bytes(key.read_bytes() + cert.read_bytes())  # qmail's control/servercert.pem layout
-    return cert, key, combined
+from tls_backend import make_cert
 
 
 @pytest.fixture(scope="module")
