@@ -2,6 +2,8 @@
 
 Public names:
   PROGRAM        the first word of every line ("tarpit-smtpd")
+  PREFIX         regex of what a log collector may put before it (the one definition)
+  prefix         the collector prefix at the start of a line, as a match (groups give the time)
   escape_value   make a client-controlled value safe for a log line (capped, printable)
   format_line    build one line from ordered key/value pairs
   parse_line     read a line back into a dict (None if it is not one of ours)
@@ -11,21 +13,41 @@ Line shape (stable, documented in docs/logs.md):
   tarpit-smtpd conn=… pid=… ip=… host=… class=… rule=… event=… [key=value …]
 Values that contain spaces, quotes, '=' or are empty are double-quoted with
 backslash escapes; bytes outside printable ASCII become '?'; values are capped
-at MAX_VALUE characters so a client cannot flood the log.
+at MAX_VALUE characters so a client cannot flood the log (libtarpit.text).
+
+A line is ours only when "tarpit-smtpd " starts it or follows a PREFIX: the
+backend's stderr shares the log and may quote the client ("from=<x
+tarpit-smtpd event=tarpit_lost>"), so the word anywhere else means nothing.
 """
 
 from __future__ import annotations
 
 import re
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 
-if TYPE_CHECKING:  # typing costs ~5 ms at start-up, paid on every connection
+from libtarpit.text import printable
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
+if TYPE_CHECKING:
     from typing import Iterable, Mapping, TextIO
 
 PROGRAM = "tarpit-smtpd"
 MAX_VALUE = 200
 
-_PRINTABLE = re.compile(r"[^\x21-\x7e ]")
+# What a log collector puts before a line, anchored at its start; stats.line_time
+# reads the time from these groups.  In order, each part optional:
+#   multilog t, s6-log t   "@400000006553f1000000000a "                  (tai)
+#   then one time stamp:   "2026-11-01T12:00:00.5+01:00 " (journalctl -o short-iso,
+#                          rsyslog, s6-log T "2026-11-01 12:00:00.123456789  ")
+#                          or "Nov  1 12:00:00 " (syslog, journalctl, ts)  (date/time/zone, month/day/hms)
+#   after a time stamp:    a syslog/journal header "host ident[pid]: " or "host ident: "
+# Host and ident hold no space, ':' or brackets, so there is one way to read a line.
+PREFIX = (
+    r"(?:@(?P<tai>[0-9a-fA-F]{24}) +)?"
+    r"(?:(?:(?P<date>\d{4}-\d{2}-\d{2})[T ]"
+    r"(?P<time>\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)(?P<zone>Z|[+-]\d{2}:?\d{2})?"
+    r"|(?P<month>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<hms>\d{2}:\d{2}:\d{2})) +"
+    r"(?:[^\s:\[\]]+ [^\s:\[\]]+(?:\[\d+\])?: )?)?"
+)
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
@@ -43,9 +65,7 @@ def escape_value(value: object) -> str:
         text = value.decode("latin-1")
     else:
         text = str(value)
-    text = _PRINTABLE.sub("?", text)
-    if len(text) > MAX_VALUE:
-        text = text[:MAX_VALUE] + "..."
+    text = printable(text, MAX_VALUE)
     if text == "" or _NEEDS_QUOTES.search(text):
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
@@ -59,15 +79,27 @@ def format_line(pairs: Iterable[tuple[str, object]]) -> str:
 _PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
+def prefix(line: str) -> re.Match[str]:
+    """Return the match of PREFIX at the start of `line` (empty when there is none).
+
+    Group "tai" holds a TAI64N label's 24 hex digits; "date", "time", "zone"
+    an ISO-8601 stamp; "month", "day", "hms" a syslog stamp.  Never fails.
+    """
+    m = re.match(PREFIX, line)  # re caches the compiled pattern: nothing compiled at import
+    assert m is not None  # every part is optional
+    return m
+
+
 def parse_line(line: str) -> dict[str, str] | None:
     """Return the key/value pairs of one of our log lines, or None.
 
-    Accepts the line with any prefix a log collector adds (multilog's
-    `@4000…` TAI64N stamp, a syslog or journald header): everything before
-    the first "tarpit-smtpd " is ignored.  Quoted values are unescaped.
+    Ours means "tarpit-smtpd " at the start of the line or right after a
+    collector's PREFIX; "tarpit-smtpd " anywhere else (inside a backend's
+    line that quotes the client) does not count.  Quoted values are
+    unescaped; a line without event= is not ours.  Never raises.
     """
-    at = line.find(PROGRAM + " ")
-    if at < 0:
+    at = prefix(line).end()
+    if not line.startswith(PROGRAM + " ", at):
         return None
     out: dict[str, str] = {}
     for m in _PAIR.finditer(line, at + len(PROGRAM) + 1):

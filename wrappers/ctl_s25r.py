@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Iterable
 
 from libtarpit.errors import ControlError
 from libtarpit.s25r import AllowList, classify
+from libtarpit.text import printable
 
 DEFAULT_CONTROL = "/var/qmail/control"
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+MAX_NAME = 255  # a DNS name has at most 253 characters: longer ones are cut, with "..."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _escape(name: str) -> str:
-    """Return `name` fit for one output field: non-printables and tabs become '?'."""
-    return _UNPRINTABLE.sub("?", name)
+    """Return `name` fit for one output field: capped, non-printables, tabs and spaces as '?'."""
+    return printable(name, MAX_NAME).replace(" ", "?")  # a space would split the field for awk
 
 
 def _stdin_names() -> Iterable[str]:
