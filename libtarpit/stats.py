@@ -23,6 +23,13 @@ that pipelined counts as PL at its first `pipelining` elapsed, otherwise its
 first `tarpit_lost` counts as LC.  A tarpit_lost with mode=warn never counts; a pipelining
 line counts whatever its mode (its default action is warn: it is logged during a real tarpit)
 or in the funnel; they are counted by warn_counts instead.
+
+Bounds (a log line may be forged or damaged, and must not cost us time):
+an elapsed outside 0..MAX_SECONDS, or not a finite number, is left out of
+the table and counted as `skipped`; the table has a row per bucket present,
+plus zero rows for runs of at most GAP_ROWS empty buckets, so its length is
+linear in the lines read whatever the values.  Text from the log is passed
+through libtarpit.text.printable before it is printed.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Iterator, Mapping
 
-from libtarpit.log import parse_line
+from libtarpit.log import parse_line, prefix
+from libtarpit.text import printable
 
 Event = Mapping[str, str]
 ConnKey = tuple[str, ...]
@@ -42,10 +50,9 @@ ConnKey = tuple[str, ...]
 # libtai's tai_now() stores 2^62 + 10 + unix time (the 10 s TAI-UTC offset of 1970).
 _TAI_OFFSET = (1 << 62) + 10
 _TAI64N = re.compile(r"@?([0-9a-fA-F]{16})([0-9a-fA-F]{8})")
-_ISO_START = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)(Z|[+-]\d{2}:?\d{2})?(?=\s|$)"
-)
-_SYSLOG_START = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})\s")
+MAX_SECONDS = 86400.0  # an elapsed beyond a day is no tarpit or pause of ours
+GAP_ROWS = 5           # up to this many empty buckets in a row print as zero rows
+_FIELD = 40            # characters of an event or reason printed in the text report
 _MONTHS = {m: i for i, m in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -91,12 +98,17 @@ class CumulativeRow:
 
 @dataclass(frozen=True)
 class GiveupTable:
-    """Seed 000's table: rows per bucket, total LC+PL, cumulative rows."""
+    """Seed 000's table: rows per bucket, total LC+PL, cumulative rows.
+
+    `skipped`: give-up lines left out because their elapsed was not a number
+    in 0..MAX_SECONDS.
+    """
 
     bucket_size: int
     rows: tuple[GiveupRow, ...]
     total: int
     cumulative: tuple[CumulativeRow, ...]
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,28 +168,29 @@ def parse_tai64n(stamp: str) -> float:
 def line_time(line: str, now: float | None = None) -> float | None:
     """Return the Unix time a log line starts with, or None if it carries none.
 
-    Understands multilog's "@4000…" TAI64N stamp, an ISO-8601 stamp (journalctl
-    -o short-iso, rsyslog) and a syslog "Nov  1 12:00:00" stamp; the latter has
-    no year, so it is dated only when `now` is given (the most recent such date
-    not more than a day after `now`).  Times without a zone are local time.
-    Never raises.
+    The stamps are the ones libtarpit.log.PREFIX recognises (the same that
+    make a line ours), each followed by a space: multilog's "@4000…" TAI64N
+    stamp (wins when s6-log puts an ISO stamp after it), an ISO-8601 stamp
+    (journalctl -o short-iso, rsyslog, s6-log T) and a syslog "Nov  1 12:00:00"
+    stamp; the latter has no year, so it is dated only when `now` is given (the
+    most recent such date not more than a day after `now`).  Times without a
+    zone are local time.  Never raises.
     """
-    if line.startswith("@"):
+    m = prefix(line)
+    if m["tai"]:
         try:
-            return parse_tai64n(line[:25])
+            return parse_tai64n(m["tai"])
         except ValueError:
             return None
-    m = _ISO_START.match(line)
-    if m is not None:
+    if m["date"]:
         return _iso_time(m)
-    m = _SYSLOG_START.match(line)
-    if m is not None and now is not None:
+    if m["month"] and now is not None:
         return _syslog_time(m, now)
     return None
 
 
 def _iso_time(m: re.Match[str]) -> float | None:
-    text = f"{m.group(1)}T{m.group(2).replace(',', '.')}{m.group(3) or ''}"
+    text = f"{m['date']}T{m['time'].replace(',', '.')}{m['zone'] or ''}"
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
@@ -185,14 +198,14 @@ def _iso_time(m: re.Match[str]) -> float | None:
 
 
 def _syslog_time(m: re.Match[str], now: float) -> float | None:
-    month = _MONTHS.get(m.group(1))
+    month = _MONTHS.get(m["month"])
     if month is None:
         return None
+    hour, minute, second = (int(x) for x in m["hms"].split(":"))
     year = datetime.fromtimestamp(now).year
     for y in (year, year - 1):
         try:
-            t = datetime(y, month, int(m.group(2)), int(m.group(3)),
-                         int(m.group(4)), int(m.group(5))).timestamp()
+            t = datetime(y, month, int(m["day"]), hour, minute, second).timestamp()
         except ValueError:
             continue
         if t <= now + 86400:
@@ -241,11 +254,12 @@ def _percent(part: int, total: int) -> int:
 
 
 def _seconds(value: str | None) -> float | None:
+    """Return `value` as seconds in 0..MAX_SECONDS, None otherwise (nan, inf, 1e8, -1, junk)."""
     try:
         s = float(value) if value is not None else None
     except ValueError:
         return None
-    return s if s is not None and math.isfinite(s) else None
+    return s if s is not None and 0.0 <= s <= MAX_SECONDS else None  # nan fails both
 
 
 def _conn_key(event: Event, index: int) -> ConnKey:
@@ -259,7 +273,9 @@ def _enforced(event: Event) -> bool:
     return event.get("mode") != "warn"
 
 
-def _giveups(events: Iterable[Event]) -> tuple[list[float], list[float]]:
+def _giveups(events: Iterable[Event]) -> tuple[list[float], list[float], int]:
+    """Return (LC elapsed list, PL elapsed list, lines skipped for a bad elapsed)."""
+    skipped = 0
     pipelined: dict[ConnKey, float] = {}
     lost: dict[ConnKey, float] = {}
     tarpitted: set[ConnKey] = set()
@@ -275,32 +291,47 @@ def _giveups(events: Iterable[Event]) -> tuple[list[float], list[float]]:
             continue
         seconds = _seconds(event.get("elapsed"))
         if seconds is None:
+            if "elapsed" in event:
+                skipped += 1
             continue
         target = pipelined if name == "pipelining" else lost
         target.setdefault(_conn_key(event, index), seconds)
     lc = [s for key, s in lost.items() if key not in pipelined]
-    return lc, list(pipelined.values())
+    return lc, list(pipelined.values()), skipped
+
+
+def _row_buckets(present: Iterable[int], size: int) -> list[int]:
+    """Return the buckets that get a row: those present, and runs of <= GAP_ROWS empty ones between."""
+    out: list[int] = []
+    last = -size  # so that a short run of empty buckets from 0 up is printed too
+    for b in sorted(present):
+        if (b - last) // size - 1 <= GAP_ROWS:
+            out.extend(range(last + size, b, size))
+        out.append(b)
+        last = b
+    return out
 
 
 def giveup_table(events: Iterable[Event], bucket: int = 10,
                  marks: Iterable[int] = (35, 45, 65)) -> GiveupTable:
     """Return seed 000's table over `events` (parsed log dicts).
 
-    Rows run from bucket 0 to the highest bucket seen, empty ones included;
-    percentages are of the total and rounded half up.  A cumulative row counts
-    connections that gave up at less than `mark` seconds.  Lines whose elapsed
-    is missing or not a number are skipped.  Raises ValueError if bucket < 1.
+    Rows run from bucket 0 to the highest bucket seen; empty buckets get a
+    zero row when at most GAP_ROWS of them come in a row (seed 000's shape),
+    a longer run is left out.  Percentages are of the total and rounded half
+    up.  A cumulative row counts connections that gave up at less than `mark`
+    seconds.  Lines whose elapsed is missing are ignored; not a number in
+    0..MAX_SECONDS, counted in `skipped`.  Raises ValueError if bucket < 1.
     """
     if bucket < 1:
         raise ValueError("bucket must be at least 1 second")
-    lc, pl = _giveups(events)
+    lc, pl, skipped = _giveups(events)
     lc_by = Counter(bucket_of(s, bucket) for s in lc)
     pl_by = Counter(bucket_of(s, bucket) for s in pl)
     total = len(lc) + len(pl)
-    top = max([*lc_by, *pl_by], default=-1)
     rows = tuple(
         GiveupRow(b, lc_by[b], pl_by[b], _percent(lc_by[b] + pl_by[b], total))
-        for b in range(0, top + 1, bucket)
+        for b in _row_buckets({*lc_by, *pl_by}, bucket)
     )
     everyone = lc + pl
     cumulative = tuple(
@@ -308,7 +339,7 @@ def giveup_table(events: Iterable[Event], bucket: int = 10,
         for m in marks
         for n in [sum(1 for s in everyone if s < m)]
     )
-    return GiveupTable(bucket, rows, total, cumulative)
+    return GiveupTable(bucket, rows, total, cumulative, skipped)
 
 
 @dataclass
@@ -414,6 +445,7 @@ def report_to_dict(report: Report) -> dict[str, object]:
             "total": g.total,
             "cumulative": [{"up_to": c.mark, "count": c.count, "percent": c.percent}
                            for c in g.cumulative],
+            "skipped": g.skipped,
         },
         "funnel": {
             "connections": report.funnel.connections,
@@ -445,9 +477,17 @@ def _format_giveup(g: GiveupTable) -> str:
         "",
         f"{'seconds':>7}  {'LC':>7}  {'PL':>7}  {'%':>4}",
     ]
-    lines += [f"{r.bucket:>7}  {r.lc:>7}  {r.pl:>7}  {r.percent:>3}%" for r in g.rows]
+    last = -g.bucket_size
+    for r in g.rows:
+        if r.bucket != last + g.bucket_size:
+            lines.append(f"{'...':>7}")  # a long run of empty buckets left out
+        lines.append(f"{r.bucket:>7}  {r.lc:>7}  {r.pl:>7}  {r.percent:>3}%")
+        last = r.bucket
     lines += ["", f"{'total':<13}{g.total:>7}"]
     lines += [f"{f'up to {c.mark} s':<13}{c.count:>7}  {c.percent:>3}%" for c in g.cumulative]
+    if g.skipped:
+        lines.append(f"left out: {g.skipped} lines whose elapsed was not a number "
+                     f"in 0..{MAX_SECONDS:.0f} s")
     return "\n".join(lines)
 
 
@@ -466,7 +506,8 @@ def _format_funnel(f: Funnel) -> str:
 
 def _format_reasons(reasons: tuple[ReasonCount, ...]) -> str:
     lines = ["Top reasons"]
-    lines += [f"  {r.event:<16}{r.reason:<24}{r.count:>9}" for r in reasons]
+    lines += [f"  {printable(r.event, _FIELD):<16}{printable(r.reason, _FIELD):<24}{r.count:>9}"
+              for r in reasons]
     if not reasons:
         lines.append("  (none)")
     return "\n".join(lines)
@@ -474,5 +515,5 @@ def _format_reasons(reasons: tuple[ReasonCount, ...]) -> str:
 
 def _format_warn(warn: tuple[WarnCount, ...]) -> str:
     lines = ["Warn mode (not enforced)"]
-    lines += [f"  {w.label:<30}{w.count:>9}" for w in warn]
+    lines += [f"  {printable(w.label, _FIELD):<30}{w.count:>9}" for w in warn]
     return "\n".join(lines)

@@ -341,3 +341,86 @@ def test_pipelining_logged_in_its_default_warn_mode_counts_as_pl():
     table = giveup_table([parse_line(x) for x in lines])
     assert table.total == 1
     assert [(r.bucket, r.lc, r.pl) for r in table.rows] == [(0, 0, 0), (10, 0, 1)]
+
+
+# --- forged and absurd lines (a client's MAIL FROM reaches the log via the backend) ---------
+
+def test_forged_lines_in_backend_output_are_not_counted(tmp_path):
+    forged = "x tarpit-smtpd conn=1 pid=1 class=suspicious event=tarpit_lost stage=rcpt elapsed=3"
+    log = write(tmp_path / "current", [
+        *(f"{tai64n(1.7e9)} tarpit-sink: from=<{forged.replace('conn=1', f'conn={i}')}>" for i in range(5)),
+        f"Nov 26 12:00:00 mx tcpserver[9]: tarpit-sink: from=<{forged}>",
+        f"2026-11-26T12:00:00+0100 mx tcpserver[9]: qmail-smtpd: <{forged}>",
+        tai64n(1.7e9) + " " + line(1, "tarpit_lost", stage="rcpt", elapsed=25.0),
+    ])
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    rows, total, _ = parse_output(done.stdout)
+    assert total == 1 and rows[-1] == (30, 1, 0, 100)
+    assert funnel_lines(done.stdout) == {"connections": 1, "suspicious (S25R)": 1,
+                                         "lost in tarpit": 1, "greylisted": 0, "passed": 0}
+
+
+@pytest.mark.parametrize("prefix", [
+    "", "@400000006553f1000000000a ", "2026-11-26T12:00:00+0100 mx tarpit-smtpd[5]: ",
+    "2026-11-26 12:00:00.123456789  ", "Nov 26 12:00:00 mx tcpserver[5]: ", "Nov 26 12:00:00 ",
+])
+def test_each_collector_prefix_is_read(tmp_path, prefix):
+    log = write(tmp_path / "log", [prefix + line(1, "tarpit_lost", stage="rcpt", elapsed=14.0)])
+    rows, total, _ = parse_output(tarpitctl(log).stdout)
+    assert total == 1 and rows == [(0, 0, 0, 0), (10, 1, 0, 100)]
+
+
+def test_absurd_elapsed_values_finish_quickly_and_are_left_out(tmp_path):
+    bad = ["1e8", "nan", "inf", "-inf", "-5", "86401", "1e308", "0x10"]
+    lines = [f"tarpit-smtpd conn=b{i} pid={i} class=suspicious event=tarpit_lost stage=rcpt elapsed={v}"
+             for i, v in enumerate(bad)]
+    lines.append(line(99, "tarpit_lost", stage="rcpt", elapsed=31.0))
+    log = write(tmp_path / "log", lines)
+    started = time.monotonic()
+    done = tarpitctl(log)
+    assert time.monotonic() - started < 20
+    assert done.returncode == 0, done.stderr
+    rows, total, _ = parse_output(done.stdout)
+    assert total == 1 and rows == [(0, 0, 0, 0), (10, 0, 0, 0), (20, 0, 0, 0), (30, 1, 0, 100)]
+    assert f"left out: {len(bad)} lines whose elapsed was not a number in 0..86400 s" \
+        in done.stdout.decode()
+    data = json.loads(tarpitctl("--json", log).stdout)
+    assert data["giveup"]["skipped"] == len(bad) and data["giveup"]["total"] == 1
+
+
+def test_a_long_run_of_empty_buckets_is_one_ellipsis_line(tmp_path):
+    log = write(tmp_path / "log", [line(1, "tarpit_lost", stage="rcpt", elapsed=12.0),
+                                   line(2, "tarpit_lost", stage="rcpt", elapsed=86000.0),
+                                   line(3, "tarpit_lost", stage="rcpt", elapsed=86400.0)])
+    done = tarpitctl("--bucket", "1", log)
+    assert done.returncode == 0, done.stderr
+    rows, total, _ = parse_output(done.stdout)
+    assert total == 3
+    assert rows == [(12, 1, 0, 33), (86000, 1, 0, 33), (86400, 1, 0, 33)]
+    text = done.stdout.decode()
+    assert text.count("    ...\n") == 3  # before 12 (12 empty buckets), and twice more
+
+
+def test_gap_rule_keeps_short_runs_of_empty_buckets():
+    from libtarpit.stats import GAP_ROWS, giveup_table
+
+    def table(*elapsed):
+        events = [{"conn": str(i), "event": "tarpit_lost", "elapsed": str(s)} for i, s in enumerate(elapsed)]
+        return [r.bucket for r in giveup_table(events).rows]
+
+    assert table(10 * GAP_ROWS) == list(range(0, 10 * GAP_ROWS + 1, 10))  # GAP_ROWS empty: kept
+    assert table(10 * (GAP_ROWS + 1)) == [10 * (GAP_ROWS + 1)]             # one more: left out
+    assert table(0, 10 * (GAP_ROWS + 2)) == [0, 10 * (GAP_ROWS + 2)]       # between two present
+    assert table() == []
+
+
+def test_client_text_in_reasons_is_printed_escaped(tmp_path):
+    log = write(tmp_path / "log", [
+        'tarpit-smtpd conn=1 pid=1 event=rcpt_reject reason="\x1b]0;pwned\x07' + "x" * 100 + '"',
+    ])
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "\x1b" not in text and "\x07" not in text
+    assert re.search(r"rcpt_reject\s+\?\]0;pwned\?x+\.\.\.\s+1$", text, re.M)
