@@ -18,7 +18,6 @@ can drive it.  Redis TTLs (and `purge` for SQLite) only collect the dead ones.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 from libtarpit.values import value
@@ -97,6 +96,8 @@ _COLUMNS = "tbl, client, sender, rcpt, first, last, count, until, passed"
 
 
 def _busy(e: sqlite3.Error) -> bool:
+    import sqlite3
+
     return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
@@ -119,6 +120,8 @@ class SQLiteStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
+            import sqlite3  # here, so a Redis store does not load it
+
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             try:
                 db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
@@ -143,7 +146,11 @@ class SQLiteStore:
 
         SQLite answers "locked" at once, without waiting, in a few cases (a read lock that
         cannot be upgraded, a file switching to WAL); those are retried until `timeout`.
+        The retry loop's deadline is monotonic time, not the caller's `now`: it measures how
+        long we wait, it decides nothing about the records.
         """
+        import sqlite3
+
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -158,6 +165,8 @@ class SQLiteStore:
                 raise StoreError(f"sqlite {self.path}: {e}") from e
 
     def _rollback(self) -> None:
+        import sqlite3
+
         if self._db is not None and self._db.in_transaction:
             try:
                 self._db.execute("ROLLBACK")
@@ -231,6 +240,14 @@ class SQLiteStore:
 
 
 # ---------------------------------------------------------------- Redis
+#
+# redis:// and unix:// speak RESP2 over our own socket (_Resp), not through redis-py:
+# `import redis` pulls in asyncio and costs 160-230 ms of every connection's start-up
+# (every redis.* submodule goes through redis/__init__, so no part of it is cheaper),
+# against ~1 ms for _socket.  The store needs six commands (AUTH, SELECT, EVALSHA, EVAL,
+# HGETALL, SCAN, DEL), pipelined where it reads several records.  rediss:// keeps going
+# through redis-py (_RedisPy), so TLS and its URL options (ssl_cert_reqs, ssl_ca_certs,
+# ...) mean exactly what redis-py says; it pays the import.
 
 # Mirrors apply_hit.  Numbers go in and out as strings so no float is rounded by Lua.
 _LUA_HIT = """
@@ -253,71 +270,326 @@ redis.call('EXPIRE', KEYS[1], math.max(1, math.ceil(nu - now)))
 return {created, redis.call('HGETALL', KEYS[1])}
 """
 
+_REDIS_PY_SCHEMES = ("rediss://",)
+_URL_OPTIONS = ("db", "username", "password")
+_BATCH = 500
+
+
+def _sha1_hex(data: bytes) -> str:
+    try:
+        from _sha1 import sha1  # the builtin module: hashlib would load OpenSSL (~3 ms)
+    except ImportError:
+        from hashlib import sha1
+    return sha1(data).hexdigest()
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _unquote(text: str) -> str:
+    if "%" not in text:
+        return text
+    from urllib.parse import unquote
+
+    return unquote(text)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without user and password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.split("?", 1)[0].partition("/")
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
+
+
+def parse_redis_url(url: str) -> tuple[str | None, str | None, int, int, str | None, str | None]:
+    """Return (unix path, host, port, db, username, password) of a redis:// or unix:// URL.
+
+    redis://[[user]:password@]host[:port][/db][?db=N&password=...&username=...] and
+    unix://[[user]:password@]/path[?db=N&password=...]; user and password are %-decoded,
+    a `db` option wins over the path, as in redis-py.  Raises ValueError for another scheme,
+    a bad port or db, or another option (a silently ignored option could be a TLS setting).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "unix"):
+        raise ValueError("not a redis:// or unix:// URL")
+    rest, _, query = rest.partition("?")
+    opts = {}
+    for part in filter(None, query.split("&")):
+        name, _, val = part.partition("=")
+        if name not in _URL_OPTIONS:
+            raise ValueError(f"unsupported URL option {name!r}")
+        opts[name] = _unquote(val)
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = _unquote(user) or None, _unquote(pw) if colon else None
+    username = opts.get("username", username)
+    password = opts.get("password", password)
+    if username is not None and password is None:
+        raise ValueError("a Redis user needs a password")
+    if scheme == "unix":
+        if hostport or not path:
+            raise ValueError("a unix:// URL names a path: unix:///run/redis/redis.sock")
+        return _unquote("/" + path), None, 0, int(opts.get("db", 0)), username, password
+    if hostport.startswith("["):
+        host, close, tail = hostport[1:].partition("]")
+        if not close or (tail and not tail.startswith(":")):
+            raise ValueError("bad IPv6 host")
+        port_text = tail[1:]
+    else:
+        host, _, port_text = hostport.partition(":")
+    port = int(port_text) if port_text else 6379
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port {port}")
+    db = int(opts.get("db", path.strip("/") or 0))
+    if db < 0:
+        raise ValueError(f"bad db {db}")
+    return None, _unquote(host) or "localhost", port, db, username, password
+
+
+class _ErrorReply:
+    """An error reply of the server ("ERR ...", "NOSCRIPT ..."), returned in place of a reply."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    out = []
+    for cmd in commands:
+        out.append(b"*%d\r\n" % len(cmd))
+        for arg in cmd:
+            data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8", "surrogateescape")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Resp:
+    """RESP2 over one TCP or unix socket, for the few commands RedisStore sends.
+
+    execute(commands) sends them in one write and returns one reply each (str, int, None,
+    list, or _ErrorReply).  The whole call, connecting included, ends within `timeout`
+    seconds (a monotonic deadline: it measures waiting, it decides nothing); any socket
+    or protocol trouble closes the connection (the next call reconnects) and raises
+    StoreError.  A bad URL raises ValueError.
+    """
+
+    def __init__(self, url: str, timeout: float):
+        self.url = url
+        self.timeout = timeout
+        self._sock: Any = None
+        self._buf = bytearray()
+        self._pos = 0
+
+    def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        deadline = time.monotonic() + self.timeout
+        try:
+            if self._sock is None:
+                self._connect(deadline)
+            return self._roundtrip(commands, deadline)
+        except OSError as e:
+            self.close()
+            raise StoreError(f"redis {_safe_url(self.url)}: {e.strerror or e}") from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, deadline: float) -> None:
+        import _socket
+
+        path, host, port, db, username, password = parse_redis_url(self.url)
+        if path is not None:
+            targets = [(_socket.AF_UNIX, path)]
+        else:
+            targets = [(a[0], a[4]) for a in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)]
+        error: OSError = ConnectionError("no address")
+        for family, address in targets:
+            sock = _socket.socket(family, _socket.SOCK_STREAM)
+            try:
+                sock.settimeout(_left(deadline))
+                sock.connect(address)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            if family != _socket.AF_UNIX:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            self._sock, self._buf, self._pos = sock, bytearray(), 0
+            break
+        else:
+            raise error
+        hello = []
+        if password is not None:
+            hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            hello.append(("SELECT", db))
+        # answered before any command is sent: after a failed SELECT a pipelined write
+        # would land in database 0
+        for cmd, reply in zip(hello, self._roundtrip(hello, deadline) if hello else ()):
+            if isinstance(reply, _ErrorReply):
+                raise ConnectionError(f"{cmd[0]}: {reply.text}")
+
+    def _roundtrip(self, commands: list[tuple[Any, ...]], deadline: float) -> list[Any]:
+        self._sock.settimeout(_left(deadline))
+        self._sock.sendall(_pack(commands))
+        return [self._reply(deadline) for _ in commands]
+
+    def _reply(self, deadline: float) -> Any:
+        line = self._line(deadline)
+        kind, rest = line[:1], line[1:]
+        try:
+            if kind == b"+":
+                return rest.decode("utf-8", "surrogateescape")
+            if kind == b"-":
+                return _ErrorReply(rest.decode("utf-8", "replace"))
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else self._exact(n, deadline).decode("utf-8", "surrogateescape")
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [self._reply(deadline) for _ in range(n)]
+        except ValueError:
+            pass
+        raise ConnectionError(f"protocol error: unexpected reply {line[:40]!r}")
+
+    def _line(self, deadline: float) -> bytes:
+        while True:
+            end = self._buf.find(b"\r\n", self._pos)
+            if end >= 0:
+                line = bytes(self._buf[self._pos:end])
+                self._pos = end + 2
+                return line
+            self._fill(deadline)
+
+    def _exact(self, n: int, deadline: float) -> bytes:
+        while len(self._buf) - self._pos < n + 2:
+            self._fill(deadline)
+        data = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n + 2
+        return data
+
+    def _fill(self, deadline: float) -> None:
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._sock.settimeout(_left(deadline))
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        self._buf += chunk
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class _RedisPy:
+    """_Resp's execute() over redis-py, for rediss://: TLS and its URL options are redis-py's."""
+
+    def __init__(self, url: str, timeout: float):
+        self.url = url
+        self.timeout = timeout
+        self._conn: Any = None
+
+    def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        import redis
+
+        try:
+            if self._conn is None:
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
+
+                pool = redis.ConnectionPool.from_url(
+                    self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                    retry=Retry(NoBackoff(), 0), decode_responses=True,
+                    protocol=2,  # the replies _Resp gives (redis-py 8 defaults to RESP3: maps, not lists)
+                )
+                self._conn = pool.make_connection()
+            self._conn.send_packed_command(self._conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(self._conn.read_response())
+                except redis.exceptions.NoScriptError as e:  # redis-py strips the code
+                    replies.append(_ErrorReply(f"NOSCRIPT {e}"))
+                except redis.ResponseError as e:
+                    replies.append(_ErrorReply(str(e)))
+            return replies
+        except (redis.RedisError, OSError) as e:
+            self.close()
+            raise StoreError(f"redis {_safe_url(self.url)}: {e}") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.disconnect()
+            except Exception:
+                pass
+            self._conn = None
 
 
 class RedisStore:
     """Greylist records in Redis, one hash per record, shared by several MX hosts.
 
-    `url` is a redis:// (or rediss://, unix://) URL.  redis-py is imported and the
-    connection made on first use.  Socket connect and read timeouts are `timeout`
-    seconds and nothing is retried, so a dead server raises StoreError at once.
+    `url` is a redis://, unix:// or rediss:// URL (see parse_redis_url; rediss:// goes
+    through redis-py).  The connection is made on first use.  Each call, connecting
+    included, may take `timeout` seconds; nothing is retried, so a dead server raises
+    StoreError at once.
     """
 
     def __init__(self, url: str, *, timeout: float, prefix: str = "tarpit:greylist:"):
         self.url = url
         self.timeout = timeout
         self.prefix = prefix
-        self._client: Any = None
-        self._script: Any = None
+        self._conn: Any = None
 
-    def _redis(self) -> Any:
-        if self._client is None:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
+    def _transport(self) -> Any:
+        if self._conn is None:
+            kind = _RedisPy if self.url.startswith(_REDIS_PY_SCHEMES) else _Resp
+            self._conn = kind(self.url, self.timeout)
+        return self._conn
 
-            self._client = redis.Redis.from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=True,
-            )
-            self._script = self._client.register_script(_LUA_HIT)
-        return self._client
+    def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one round trip; return their replies.  An error reply raises StoreError."""
+        replies = self._transport().execute(commands)
+        for reply in replies:
+            if isinstance(reply, _ErrorReply):
+                raise StoreError(f"redis {_safe_url(self.url)}: {reply.text}")
+        return replies
 
     def _run(self, fn, *args):
-        """Run fn(client, *args); turn every redis failure into StoreError.
-
-        A bad URL (ValueError at connect) and a record that does not parse
-        (KeyError, ValueError) count as store failures too.
-        """
+        """Run fn(*args); a bad URL or a record that does not parse raises StoreError too."""
         try:
-            return fn(self._redis(), *args)
+            return fn(*args)
         except StoreError:
             raise
-        except (KeyError, ValueError) as e:
-            raise StoreError(f"redis {self._safe_url()}: bad URL or record: {e}") from e
-        except Exception as e:
-            if not _is_redis_error(e):
-                raise
-            raise StoreError(f"redis {self._safe_url()}: {e}") from e
-
-    def _safe_url(self) -> str:
-        return self.url.split("@", 1)[-1] if "@" in self.url else self.url
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise StoreError(f"redis {_safe_url(self.url)}: bad URL or record: {e}") from e
 
     def _key(self, table: str, client: str, sender: str = "", rcpt: str = "") -> str:
         if table != TRIPLE:
             return f"{self.prefix}{table}:{client}"
-        import hashlib
-
-        digest = hashlib.sha1(f"{sender}\0{rcpt}".encode("utf-8", "replace")).hexdigest()[:24]
+        digest = _sha1_hex(f"{sender}\0{rcpt}".encode("utf-8", "replace"))[:24]
         return f"{self.prefix}{table}:{client}#{digest}"
 
-    def _record(self, h: dict[str, str]) -> Record | None:
-        if not h or "until" not in h:
+    def _record(self, flat: list[str] | None) -> Record | None:
+        h = dict(zip(flat[::2], flat[1::2])) if flat else {}
+        if "until" not in h:
             return None
         return Record(
             h["tbl"], h["client"], h["sender"], h["rcpt"], float(h["first"]), float(h["last"]),
@@ -327,11 +599,9 @@ class RedisStore:
     def view(self, client: str, sender: str, rcpt: str, now: float) -> View:
         """Return the live white, tarpit and triple records of client/triple.  Raises StoreError."""
 
-        def read(r: Any) -> View:
-            pipe = r.pipeline(transaction=False)
-            for key in (self._key(WHITE, client), self._key(TARPIT, client), self._key(TRIPLE, client, sender, rcpt)):
-                pipe.hgetall(key)
-            recs = [self._record(h) for h in pipe.execute()]
+        def read() -> View:
+            keys = (self._key(WHITE, client), self._key(TARPIT, client), self._key(TRIPLE, client, sender, rcpt))
+            recs = [self._record(h) for h in self._execute([("HGETALL", k) for k in keys])]
             white, tarpit, triple = (x if x is not None and x.live(now) else None for x in recs)
             return View(white, tarpit, triple)
 
@@ -340,25 +610,43 @@ class RedisStore:
     def hit(self, table: str, client: str, sender: str, rcpt: str, now: float, hit: Hit) -> tuple[Record, bool]:
         """Apply `hit` atomically (one Lua call); return (new record, True if created).  Raises StoreError."""
 
-        def update(r: Any) -> tuple[Record, bool]:
+        def update() -> tuple[Record, bool]:
             key = self._key(table, client, sender, rcpt)
-            args = [
+            args = (
                 repr(float(now)), repr(float(hit.ttl)), hit.add,
                 "" if hit.count_before is None else repr(float(hit.count_before)),
                 "" if hit.pass_at is None else hit.pass_at,
                 "1" if hit.set_passed else "0", table, client, sender, rcpt,
-            ]
-            created, flat = self._script(keys=[key], args=args)
-            rec = self._record(dict(zip(flat[::2], flat[1::2])))
+            )
+            (reply,) = self._transport().execute([("EVALSHA", _lua_sha(), 1, key, *args)])
+            if isinstance(reply, _ErrorReply) and reply.text.startswith("NOSCRIPT"):
+                reply = self._execute([("EVAL", _LUA_HIT, 1, key, *args)])[0]  # once per server start
+            elif isinstance(reply, _ErrorReply):
+                raise StoreError(f"redis {_safe_url(self.url)}: {reply.text}")
+            created, flat = reply
+            rec = self._record(flat)
             if rec is None:
-                raise StoreError(f"redis {self._safe_url()}: record {key} vanished")
+                raise StoreError(f"redis {_safe_url(self.url)}: record {key} vanished")
             return rec, bool(int(created))
 
         return self._run(update)
 
     def remove(self, table: str, client: str, sender: str = "", rcpt: str = "") -> int:
         """Delete one record; return how many were deleted (0 or 1).  Raises StoreError."""
-        return self._run(lambda r: int(r.delete(self._key(table, client, sender, rcpt))))
+        return self._run(lambda: int(self._execute([("DEL", self._key(table, client, sender, rcpt))])[0]))
+
+    def _delete_keys(self, keys: list[str]) -> int:
+        return sum(int(self._execute([("DEL", *keys[i:i + _BATCH])])[0]) for i in range(0, len(keys), _BATCH))
+
+    def _keys(self, pattern: str) -> list[str]:
+        """Every key matching `pattern` (SCAN, so the server is never blocked long)."""
+        keys: dict[str, None] = {}
+        cursor = "0"
+        while True:
+            cursor, batch = self._execute([("SCAN", cursor, "MATCH", pattern, "COUNT", _BATCH)])[0]
+            keys.update(dict.fromkeys(batch))
+            if cursor == "0":
+                return list(keys)
 
     def delete(self, client: str, sender: str | None = None, rcpt: str | None = None) -> int:
         """Delete all records of `client`, or only its triple when sender and rcpt are given.
@@ -368,21 +656,16 @@ class RedisStore:
         if sender is not None and rcpt is not None:
             return self.remove(TRIPLE, client, sender, rcpt)
 
-        def drop(r: Any) -> int:
-            keys = [self._key(WHITE, client), self._key(TARPIT, client)]
+        def drop() -> int:
             pattern = f"{_glob_escape(self.prefix)}{TRIPLE}:{_glob_escape(client)}#*"
-            keys += list(r.scan_iter(match=pattern, count=500))
-            return int(r.delete(*keys))
+            return self._delete_keys([self._key(WHITE, client), self._key(TARPIT, client), *self._keys(pattern)])
 
         return self._run(drop)
 
-    def _scan(self, r: Any) -> Iterator[Record]:
-        keys = list(r.scan_iter(match=_glob_escape(self.prefix) + "*", count=500))
-        for start in range(0, len(keys), 500):
-            pipe = r.pipeline(transaction=False)
-            for key in keys[start:start + 500]:
-                pipe.hgetall(key)
-            for h in pipe.execute():
+    def _scan(self) -> Iterator[Record]:
+        keys = self._keys(_glob_escape(self.prefix) + "*")
+        for start in range(0, len(keys), _BATCH):
+            for h in self._execute([("HGETALL", k) for k in keys[start:start + _BATCH]]):
                 rec = self._record(h)
                 if rec is not None:
                     yield rec
@@ -390,8 +673,8 @@ class RedisStore:
     def records(self, now: float | None = None) -> list[Record]:
         """Return all records (live ones only when `now` is given), by table and client.  Raises StoreError."""
 
-        def collect(r: Any) -> list[Record]:
-            recs = [x for x in self._scan(r) if now is None or x.live(now)]
+        def collect() -> list[Record]:
+            recs = [x for x in self._scan() if now is None or x.live(now)]
             return sorted(recs, key=lambda x: (x.table, x.client, x.sender, x.rcpt))
 
         return self._run(collect)
@@ -402,28 +685,25 @@ class RedisStore:
         Raises StoreError.
         """
 
-        def drop(r: Any) -> int:
-            dead = [self._key(x.table, x.client, x.sender, x.rcpt) for x in self._scan(r) if not x.live(now)]
-            return int(r.delete(*dead)) if dead else 0
+        def drop() -> int:
+            dead = [self._key(x.table, x.client, x.sender, x.rcpt) for x in self._scan() if not x.live(now)]
+            return self._delete_keys(dead)
 
         return self._run(drop)
 
     def close(self) -> None:
         """Drop the connection (a later call reconnects)."""
-        if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:
-                pass
-            self._client = None
+        if self._conn is not None:
+            self._conn.close()
 
 
-def _is_redis_error(e: BaseException) -> bool:
-    """True for redis-py errors and the OS-level socket errors it may let through."""
-    import redis
+_lua_sha_hex: list[str] = []
 
-    return isinstance(e, (redis.RedisError, OSError))
 
+def _lua_sha() -> str:
+    if not _lua_sha_hex:
+        _lua_sha_hex.append(_sha1_hex(_LUA_HIT.encode()))
+    return _lua_sha_hex[0]
 
 def sqlite_path(url: str) -> str:
     """Return the file path of a "sqlite:///path" URL or a plain path."""

@@ -40,19 +40,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_redis(tmp_dir) -> tuple[subprocess.Popen, int]:
+def _start_redis(tmp_dir, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, int]:
+    """Start redis-server on a free loopback port (plus `extra` options); return it and the port."""
     if not os.path.exists(REDIS_SERVER) and not shutil.which("redis-server"):
         need("redis-server")  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
     binary = REDIS_SERVER if os.path.exists(REDIS_SERVER) else shutil.which("redis-server")
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_dir)],
+         "--dir", str(tmp_dir), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_dir),
     )
     import redis
 
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis(port=port, password=password, socket_timeout=1, socket_connect_timeout=1)
     deadline = time.monotonic() + 10
     while True:
         try:
