@@ -9,11 +9,15 @@ Public names:
   apply_hit     the update rule every store applies atomically (pure; the Lua script mirrors it)
   SQLiteStore   one SQLite file in WAL mode; BEGIN IMMEDIATE around each read-modify-write
   RedisStore    one Redis server shared by several MX hosts; Lua for updates; every key has a TTL
+  parse_redis_url  the parts of a redis:// or unix:// URL (host or socket, port, db, user, password)
 
 Every store method that talks to the store raises libtarpit.errors.StoreError on failure
 (locked past the timeout, unreachable, too slow, corrupt); nothing else escapes.
 A record is live while `until > now`; the clock is always the caller's `now`, so tests
 can drive it.  Redis TTLs (and `purge` for SQLite) only collect the dead ones.
+The only other clock read here is time.monotonic() for how long we wait: the SQLite
+busy-retry loop and the Redis client's per-call deadline.  It bounds the wait and decides
+nothing about a record.
 """
 
 from __future__ import annotations

@@ -485,3 +485,23 @@ def test_ctl_keys_follow_the_configured_prefix_unless_an_option_overrides_it(tmp
     assert [r.client for r in store.records(time.time())] == ["127.0.0.0/24"]
     assert ctl("delete", "127.0.0.3", "--ipv4-prefix", "24", env=env).stdout.strip() == "deleted 1"
     assert ctl("whitelist-add", "127.0.0.3", "--ipv4-prefix", "33", env=env).returncode == 100
+
+
+def test_the_store_decides_on_the_callers_clock_only(store_url, monkeypatch):
+    # the wall clock is far from T0 (and broken here): every answer follows `now` alone
+    def no_wall_clock():
+        raise AssertionError("time.time() called on the decision path")
+
+    monkeypatch.setattr(time, "time", no_wall_clock)
+    g = make(store_url)
+    assert g.check(C, S, R, T0) == Decision("tarpit", "first_contact")
+    g.tarpit_lost(C, S, R, T0)
+    assert g.check(C, S, R, T0 + 600) == Decision("defer", "too_early", 600.0)
+    assert g.check(C, S, R, T0 + 1300).reason == "retry_count"
+    assert g.check(C, S, R, T0 + 1301) == Decision("pass", "delay_passed")
+    g.delivered(C, T0 + 1302)
+    assert g.check(C, "x@y", R, T0 + 1303) == Decision("pass", "whitelisted")
+    # the whitelist ran out, and delivery cleared the tarpit record: a first contact again
+    assert g.check(C, "x@y", R, T0 + 1302 + 3600) == Decision("tarpit", "first_contact")
+    assert {kind for kind, *_ in records(g, T0 + 1302 + 3600)} == {"pass"}
+    assert g.purge(T0 + 40 * DAY) == 2  # the passed triple and the expired whitelist record

@@ -11,6 +11,7 @@ dnsmasq (Debian package dnsmasq-base) serves the zones the tests control:
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -295,3 +296,22 @@ def test_wrapper_looks_names_up_itself_under_tcpserver_minus_H(dnsmasq, tarpit_s
     spoofed = by_ip["127.0.0.3"]
     assert spoofed["host"] == "-", "a PTR that does not resolve back is no name"
     assert spoofed["class"] == "suspicious" and spoofed["rule"] == "0", "the forged google name is not allow-listed"
+
+
+def test_deadline_runs_on_the_callers_clock(dnsmasq):
+    # the PTR answer comes at once, but by the caller's clock the budget is then spent:
+    # the forward query is not sent and the answer is "timeout"
+    ticks = iter([0.0, 0.0, 10.0, 10.0, 10.0])
+    assert confirmed_name("127.0.0.2", 5.0, nameservers=["127.0.0.1"], port=dnsmasq,
+                          clock=lambda: next(ticks)) == (None, "timeout")
+    still = iter([0.0, 1.0, 2.0])  # within the budget: confirmed as usual
+    assert confirmed_name("127.0.0.2", 5.0, nameservers=["127.0.0.1"], port=dnsmasq,
+                          clock=lambda: next(still)) == ("mail.example.test", None)
+
+
+def test_importing_the_module_does_not_load_typing():
+    # -S: no site module, whose .pth files may load typing before we start
+    code = "import sys, libtarpit.rdns; print('typing' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"
