@@ -8,7 +8,7 @@ Public names:
                    forward-confirmed reverse name minus the first label
   normalize_address  how senders and recipients are compared (lower case, no <>, capped)
   Greylist         check / tarpit_lost / tarpit_passed / delivered / whitelist_add / purge
-  defer_text       the text after "450 4.7.1 " for a defer decision
+  defer_text       the text after "450 4.7.1 <RCPT>: " for a defer decision
   Store            the protocol both stores implement
   open_store       "redis://..." -> RedisStore; "sqlite:///path" or a plain path -> SQLiteStore
   Record, View, Hit, SQLiteStore, RedisStore   re-exported from libtarpit.greystore
@@ -203,11 +203,22 @@ def normalize_address(address: str) -> str:
 
 
 def defer_text(decision: Decision) -> str:
-    """Return the text of the 450 reply for a defer decision (without "450 4.7.1 ")."""
+    """Return the text of the 450 reply to a defer decision, after "450 4.7.1 <RCPT>: ".
+
+    The full reply, the only greylist reply text there is, is built by the session as
+
+        smtp.reply(450, f"4.7.1 <{smtp.printable(rcpt)}>: {defer_text(decision)}")
+        -> b"450 4.7.1 <bob@example.jp>: Greylisted, please try again in 1200 seconds\r\n"
+
+    The seconds are retry_after rounded up (a retry one second early would be deferred
+    again); "1 second" in the singular; with no time left (retry_count: the delay has
+    passed, more retries are needed) or none known, "Greylisted, please try again later".
+    """
     wait = decision.retry_after or 0
     if wait > 0:
-        return f"Greylisted, please try again in {math.ceil(wait)} seconds"
-    return "Greylisted, please try again"
+        n = math.ceil(wait)
+        return f"Greylisted, please try again in {n} second{'s' if n != 1 else ''}"
+    return "Greylisted, please try again later"
 
 
 if TYPE_CHECKING:

@@ -135,6 +135,7 @@ def test_early_retries_are_deferred_and_not_counted_then_second_retry_passes(sto
         assert g.check(C, S, R, T0 + minute * 60).reason == "too_early"
     first = g.check(C, S, R, T0 + 1200)
     assert first == Decision("defer", "retry_count", 0.0)
+    assert defer_text(first) == "Greylisted, please try again later"
     assert g.check(C, S, R, T0 + 1500) == Decision("pass", "delay_passed")
     assert g.check(C, S, R, T0 + 9000) == Decision("pass", "delay_passed")
 
@@ -213,6 +214,12 @@ def test_name_key_lets_a_sibling_host_of_the_pool_retry(store_url):
     g.tarpit_lost(k1, S, R, T0)
     assert g.check(k2, S, R, T0 + 1300).reason == "retry_count"
     assert g.check(k1, S, R, T0 + 1400).action == "pass"
+
+
+def test_defer_text_rounds_up_and_says_later_without_a_time():
+    assert defer_text(Decision("defer", "too_early", 1199.2)) == "Greylisted, please try again in 1200 seconds"
+    assert defer_text(Decision("defer", "too_early", 0.4)) == "Greylisted, please try again in 1 second"
+    assert defer_text(Decision("defer", "new_triple", None)) == "Greylisted, please try again later"
 
 
 def test_client_key_networks_and_name_fallbacks():
