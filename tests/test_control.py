@@ -10,6 +10,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import cdblib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -231,15 +232,34 @@ def test_pointer_past_the_end_is_corrupt(tmp_path):
         ControlList.load(str(tmp_path), "somelist")
 
 
-def test_flipped_record_byte_is_corrupt(tmp_path):
+def flipped_alpha(tmp_path: Path) -> None:
     data = bytearray(good_cdb(tmp_path))
     data[2048 + 8] ^= 0x20  # first key "alpha" -> "Alpha": no longer matches its slot hash
     (tmp_path / "somelist.cdb").write_bytes(bytes(data))
+
+
+def test_flipped_record_byte_is_corrupt_when_verified(tmp_path):
+    flipped_alpha(tmp_path)
+    cache = tmp_path / "state"
+    cache.mkdir()
     with pytest.raises(ControlError, match="CDB corrupt"):
-        ControlList.load(str(tmp_path), "somelist")
+        ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+    # remembered: the next connection is refused at once, without the O(n) check
+    with pytest.raises(ControlError, match="CDB corrupt"):
+        ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+    assert (cache / "cdb-verified").read_text().startswith("bad ")
 
 
-def test_full_hash_table_is_corrupt_not_an_endless_lookup(tmp_path):
+def test_flipped_record_byte_without_a_cache_is_a_miss_and_verify_finds_it(tmp_path):
+    flipped_alpha(tmp_path)
+    lst = ControlList.load(str(tmp_path), "somelist")  # header check only
+    assert "alpha" not in lst and "beta" in lst
+    with pytest.raises(ControlError, match="CDB corrupt"):
+        lst.verify()
+
+
+def full_table(tmp_path: Path) -> int:
+    """Make every slot of alpha's hash table point at alpha; return the table number."""
     data = bytearray(good_cdb(tmp_path, "alpha\n"))
     tables = [struct.unpack_from("<LL", data, 8 * n) for n in range(256)]
     n, (pos, count) = next((n, t) for n, t in enumerate(tables) if t[1])
@@ -247,8 +267,174 @@ def test_full_hash_table_is_corrupt_not_an_endless_lookup(tmp_path):
     filled = next(slot for slot in slots if slot[4:] != bytes(4))
     data[pos:pos + 8 * count] = filled * count  # every slot taken: a miss would probe forever
     (tmp_path / "somelist.cdb").write_bytes(bytes(data))
+    return n
+
+
+def key_in_table(n: int, but: str = "alpha") -> str:
+    return next(k for k in (f"k{i}" for i in range(100000)) if cdblib.djb_hash(k.encode()) & 0xFF == n
+                and k != but)
+
+
+def test_full_hash_table_is_corrupt_not_an_endless_lookup(tmp_path):
+    n = full_table(tmp_path)
+    cache = tmp_path / "state"
+    cache.mkdir()
     with pytest.raises(ControlError, match=f"hash table {n} has no empty slot"):
-        ControlList.load(str(tmp_path), "somelist")
+        ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+
+
+def test_full_hash_table_without_a_cache_fails_at_lookup_not_forever(tmp_path):
+    n = full_table(tmp_path)
+    lst = ControlList.load(str(tmp_path), "somelist")
+    assert "alpha" in lst
+    with pytest.raises(ControlError, match=f"hash table {n} has no empty slot"):
+        key_in_table(n) in lst
+
+
+def damaged(tmp_path: Path, keys: str, patch) -> ControlList:
+    data = bytearray(good_cdb(tmp_path, keys))
+    patch(data)
+    (tmp_path / "somelist.cdb").write_bytes(bytes(data))
+    return ControlList.load(str(tmp_path), "somelist")
+
+
+def slot_of(data: bytearray, key: bytes) -> int:
+    """Return the byte offset of the slot that holds `key`."""
+    h = cdblib.djb_hash(key)
+    pos, count = struct.unpack_from("<LL", data, 8 * (h & 0xFF))
+    for i in range(count):
+        at = pos + 8 * (((h >> 8) + i) % count)
+        if struct.unpack_from("<L", data, at)[0] == h:
+            return at
+    raise AssertionError("key not found")
+
+
+@pytest.mark.parametrize("where", ["past the file", "into the tables", "before the records"])
+def test_slot_pointing_outside_the_records_is_an_error_at_lookup(tmp_path, where):
+    def patch(data):
+        at = slot_of(data, b"beta")
+        rec = {"past the file": len(data) + 1000, "into the tables": len(data) - 4,
+               "before the records": 100}[where]
+        struct.pack_into("<L", data, at + 4, rec)
+
+    lst = damaged(tmp_path, "alpha\nbeta\ngamma\n", patch)
+    assert "alpha" in lst
+    with pytest.raises(ControlError, match="CDB corrupt: hash table .* points outside the records"):
+        "beta" in lst
+
+
+def test_record_length_past_the_end_is_an_error_at_lookup(tmp_path):
+    def patch(data):
+        struct.pack_into("<L", data, 2048, 0xFFFFFF00)  # alpha's key length
+
+    lst = damaged(tmp_path, "alpha\nbeta\n", patch)
+    with pytest.raises(ControlError, match="record at byte 2048 runs past its end"):
+        "alpha" in lst
+    with pytest.raises(ControlError, match="record at byte 2048 runs past its end"):
+        len(lst)
+
+
+def test_file_truncated_in_place_after_load_is_an_error_not_a_crash(tmp_path):
+    good_cdb(tmp_path, "".join(f"user{i}\n" for i in range(200)))
+    lst = ControlList.load(str(tmp_path), "somelist")
+    assert "user7" in lst
+    with open(tmp_path / "somelist.cdb", "r+b") as f:
+        f.truncate(2100)  # an admin's `cat > somelist.cdb`: our pread comes back short
+    with pytest.raises(ControlError, match="CDB corrupt"):
+        any(f"user{i}" in lst for i in range(200))
+
+
+def test_lookup_reads_the_file_not_a_copy_of_it(tmp_path, monkeypatch):
+    good_cdb(tmp_path, "".join(f"user{i}@example.com\n" for i in range(20000)))
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, pos: reads.append(n) or real(fd, n, pos))
+    lst = ControlList.load(str(tmp_path), "somelist")
+    assert "user19999@example.com" in lst and "nobody@example.com" not in lst
+    assert sum(reads) < 4096 and len(reads) < 12
+
+
+def test_python_hash_matches_cdblib():
+    from libtarpit.control import _djb_hash
+
+    for key in [b"", b"a", b"postmaster", bytes(range(256)), "j\u00fcrgen@example.de".encode()]:
+        assert _djb_hash(key) == cdblib.djb_hash(key) & 0xFFFFFFFF
+
+
+# --- verification once per file identity ------------------------------------------
+
+def test_verified_once_per_file_identity(tmp_path, monkeypatch):
+    from libtarpit import control
+
+    cache = tmp_path / "state"
+    cache.mkdir()
+    calls = []
+    real = control._Cdb.verify
+    monkeypatch.setattr(control._Cdb, "verify", lambda self, kind: calls.append(
+        os.path.basename(self.path)) or real(self, kind))
+    good_cdb(tmp_path)  # compile checks its temp file in full, without a cache_dir
+    assert calls[0].startswith(".somelist.cdb.")
+    del calls[:]
+    for _ in range(3):
+        lst = ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+        assert "beta" in lst
+    assert calls == ["somelist.cdb"]
+    assert len(lst) == 3
+    good_cdb(tmp_path, "alpha\nbeta\ngamma\ndelta\n")  # a new file: a new identity
+    assert "delta" in ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+    assert calls[-2].startswith(".somelist.cdb.") and calls[-1] == "somelist.cdb" and len(calls) == 3
+    lines = (cache / "cdb-verified").read_text().splitlines()
+    assert len(lines) == 2 and all(x.startswith("ok ") for x in lines)
+
+
+def test_the_cache_keeps_only_the_newest_verdicts(tmp_path):
+    cache = tmp_path / "state"
+    cache.mkdir()
+    for i in range(40):
+        good_cdb(tmp_path, f"key{i}\n")
+        ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
+    assert len((cache / "cdb-verified").read_text().splitlines()) == 16
+
+
+def test_compile_with_a_cache_dir_records_the_new_file_as_verified(tmp_path, monkeypatch):
+    from libtarpit import control
+
+    cache = tmp_path / "state"
+    cache.mkdir()
+    compile_cdb(str(write(tmp_path / "rcptusers", "bob\n")), cache_dir=str(cache))
+    monkeypatch.setattr(control._Cdb, "verify", lambda self, kind: pytest.fail("verified again"))
+    assert "bob" in ControlList.load(str(tmp_path), "rcptusers", cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("cache", ["missing", "a-file"])
+def test_unusable_cache_dir_falls_back_to_the_header_check(tmp_path, cache, monkeypatch):
+    from libtarpit import control
+
+    flipped_alpha(tmp_path)
+    if cache == "a-file":
+        (tmp_path / cache).write_text("")
+    monkeypatch.setattr(control._Cdb, "verify", lambda self, kind: pytest.fail("full check"))
+    lst = ControlList.load(str(tmp_path), "somelist", cache_dir=str(tmp_path / cache))
+    assert "beta" in lst
+
+
+def test_while_another_process_verifies_we_only_check_the_header(tmp_path):
+    import fcntl
+
+    flipped_alpha(tmp_path)
+    cache = tmp_path / "state"
+    cache.mkdir()
+    with open(cache / "cdb-verified.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        helper = subprocess.run(
+            ["python3", "-c", "import sys; from libtarpit.control import ControlList as C; "
+             "l = C.load(sys.argv[1], 'somelist', cache_dir=sys.argv[2]); print('beta' in l)",
+             str(tmp_path), str(cache)], capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert helper.stdout == "True\n", helper.stderr
+    assert not (cache / "cdb-verified").exists()
+    with pytest.raises(ControlError):
+        ControlList.load(str(tmp_path), "somelist", cache_dir=str(cache))
 
 
 # --- tinycdb round trips ----------------------------------------------------------
@@ -280,8 +466,13 @@ def test_tinycdb_made_cdb_is_read(tmp_path):
 @needs_tinycdb
 def test_tinycdb_made_cdb_with_upper_case_key_is_refused(tmp_path):
     tinycdb_make(tmp_path / "badheloarg.cdb", [b"localhost", b"Mail.Example.com"])
+    (tmp_path / "state").mkdir()
     with pytest.raises(ControlError, match="not a normalised badheloarg key"):
-        ControlList.load(str(tmp_path), "badheloarg")
+        ControlList.load(str(tmp_path), "badheloarg", cache_dir=str(tmp_path / "state"))
+    lst = ControlList.load(str(tmp_path), "badheloarg")  # header check only: the key just never matches
+    assert "mail.example.com" not in lst
+    with pytest.raises(ControlError, match="not a normalised badheloarg key"):
+        lst.verify()
 
 
 @needs_tinycdb
@@ -549,3 +740,23 @@ def test_postmaster_is_always_a_valid_recipient(tmp_path):
     assert control.rcpt_valid("PostMaster@example.com", lst)
     assert control.rcpt_valid("postmaster", lst)
     assert not control.rcpt_valid("postmaster-x@example.com", lst)
+
+
+def test_tarpitctl_cdb_records_the_cdb_in_the_state_dir(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    write(tmp_path / "rcptusers", "bob\n")
+    done = tarpitctl("cdb", "--state-dir", str(state), str(tmp_path / "rcptusers"))
+    assert done.returncode == 0, done.stderr
+    st = (tmp_path / "rcptusers.cdb").stat()
+    assert (state / "cdb-verified").read_text() == \
+        f"ok {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} rcptusers\n"
+    env = dict(os.environ, TARPIT_STATE_DIR=str(state), TARPIT_CONTROL=str(tmp_path))
+    write(tmp_path / "rcptusers", "bob\nalice\n")
+    done = subprocess.run(["tarpitctl", "cdb", str(tmp_path / "rcptusers")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len((state / "cdb-verified").read_text().splitlines()) == 2
+    # no state dir at all: the compile still works
+    done = tarpitctl("cdb", "--state-dir", str(tmp_path / "missing"), str(tmp_path / "rcptusers"))
+    assert done.returncode == 0, done.stderr
