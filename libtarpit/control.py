@@ -276,7 +276,7 @@ class _Cdb:
     def verify(self, kind: str) -> int:
         """Check every record, slot and key; return the record count; ControlError if corrupt.
 
-        Memory: 9 bytes a record (offsets, hashes, a seen flag), not the keys.
+        Memory: about 9 bytes a record (offsets, hashes, a seen flag), never the keys.
         """
         from array import array
         from bisect import bisect_left
@@ -637,7 +637,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_cdb(f: BinaryIO, keys: list[str]) -> bytes:
+def _write_cdb(f: BinaryIO, keys: list[str]) -> None:
     import cdblib
 
     writer = cdblib.Writer(f)
@@ -645,15 +645,18 @@ def _write_cdb(f: BinaryIO, keys: list[str]) -> bytes:
         writer.put(key.encode("utf-8"), b"")
     writer.finalize()
     f.flush()
-    f.seek(0)
-    return f.read()
 
 
-def _verify(image: bytes, path: str, kind: str, keys: list[str]) -> None:
-    """Check the image in full, and that its records are exactly `keys`, in order."""
-    cdb = _Cdb(lambda pos, n: image[pos:pos + n], len(image), path)
-    cdb.verify(kind)  # every slot points at its record: the records are what lookups find
-    if [k for _, k in cdb.records()] != [k.encode("utf-8") for k in keys]:
+def _verify(fd: int, path: str, kind: str, keys: list[str]) -> None:
+    """Check the file written on `fd` in full, and that its records are exactly `keys`, in order."""
+    cdb = _Cdb(lambda pos, n: os.pread(fd, n, pos), os.fstat(fd).st_size, path)  # fd stays ours
+    total = cdb.verify(kind)  # every slot points at its record: the records are what lookups find
+    count = 0
+    for (_, got), want in zip(cdb.records(), keys):
+        if got != want.encode("utf-8"):
+            break
+        count += 1
+    if not count == total == len(keys):
         raise ControlError(path, "the CDB just written does not give back every key")
 
 
@@ -665,7 +668,8 @@ def _write_atomic(out: str, keys: list[str], kind: str) -> os.stat_result:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w+b") as f:
-            _verify(_write_cdb(f, keys), tmp, kind, keys)
+            _write_cdb(f, keys)
+            _verify(f.fileno(), tmp, kind, keys)
             os.fchmod(f.fileno(), _out_mode(out))
             os.fsync(f.fileno())
             st = os.fstat(f.fileno())  # the rename keeps inode and mtime: this is out's identity
