@@ -32,13 +32,15 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import cmdline, need
 from test_exim_backend import EXIM, RULES, Exim
 
 TEMPLATE = Path(__file__).parent / "exim" / "exim-tls.conf.in"
@@ -112,7 +114,33 @@ def exim_tls(tmp_path):
         (tmp_path / "exim").symlink_to(root)
         yield EximTLS(root)
     finally:
+        _wait_for_exims(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_for_exims(root: Path, grace: float = 2.0) -> None:
+    """Wait until no process runs with `root` in its command line; SIGKILL those left after `grace`.
+
+    tcpserver is stopped with SIGTERM to its process group.  An exim caught in
+    a TLS handshake (a failed test whose client socket is still open) outlives
+    that and, when it finally gives up, logs and makes root/log/ again after
+    the directory is gone, leaving it behind in /tmp.  Only processes whose
+    command line names this test's private directory are touched.
+    """
+    def ours() -> list[int]:
+        return [int(d) for d in os.listdir("/proc") if d.isdigit() and str(root) in cmdline(int(d))]
+
+    deadline = time.monotonic() + grace
+    while (pids := ours()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.fixture
