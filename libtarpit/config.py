@@ -2,8 +2,9 @@
 
 Public names:
   CLASSES         the client classes ("trusted", "suspicious", "normal")
-  CHECKS          the checks whose action is configurable
-  ACTIONS         "ignore" | "warn" | "enforce" | "drop"
+  ACTIONS         "ignore" | "warn" | "enforce" | "drop" (from libtarpit.checks)
+  BUILTIN         a ClassPolicy of built-in values (a limit differing from it was set)
+  MAX_SECONDS     the largest value of a per-class duration knob
   ClassPolicy     the per-class knobs (frozen)
   Config          everything the wrapper needs, per class (frozen)
   ConfigError     a bad value; str() names the key and the source
@@ -31,62 +32,56 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms 
 if TYPE_CHECKING:
     from typing import Any, Mapping
 
+from .checks import ACTIONS, CHECKS
+
 CLASSES = ("trusted", "suspicious", "normal")
-CHECKS = ("pregreet", "helo", "rcpt", "tarpit", "greylist", "pipelining")
-ACTIONS = ("ignore", "warn", "enforce", "drop")
 STAGES = ("helo", "mail", "rcpt", "data")
 GREYLIST_MODES = ("off", "targrey", "tarpit", "greylist")
+MAX_SECONDS = 86400.0  # no duration knob may exceed a day: TARPIT="1e9" is a typo, not a policy
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names key and source."""
 
 
-_CLASS_DEFAULTS: dict[str, Any] = {
+# the knobs of one class; each check's action knob comes from libtarpit.checks
+_KNOBS: dict[str, Any] = {
     "greet_pause": 0.0, "tarpit": 0.0, "tarpit_stage": "rcpt", "greylist": "off",
     "idle_timeout": 300.0, "error_sleep": 1.0, "error_soft_limit": 10, "error_hard_limit": 20,
-    "recipient_limit": 1000, "hide_pipelining": False, "helo_check": True, "rcpt_check": True,
-    "max_per_ip": 0, "pregreet": "enforce", "helo": "enforce", "rcpt": "enforce",
-    "tarpit_action": "enforce", "greylist_action": "enforce", "pipelining": "warn",
+    "recipient_limit": 1000, "session_limit": 0.0, "min_data_rate": 0, "hide_pipelining": False,
+    "max_per_ip": 0, "tarpit_before_tls": False,
 }
+_ACTION_FIELDS = {c.key for c in CHECKS.values()}
+_CLASS_DEFAULTS: dict[str, Any] = {**_KNOBS, **{c.key: c.defaults[2] for c in CHECKS.values()}}
 
 
 class ClassPolicy(namedtuple("ClassPolicy", list(_CLASS_DEFAULTS), defaults=list(_CLASS_DEFAULTS.values()))):
-    """Knobs for one client class (immutable).  Durations are seconds."""
+    """Knobs for one client class (immutable).  Durations are seconds.
+
+    The action of check NAME is the field `libtarpit.checks.CHECKS[NAME].key`;
+    `action(NAME)` reads it.
+    """
 
     __slots__ = ()
 
     def action(self, check: str) -> str:
-        """Return the configured action for `check` (one of CHECKS)."""
-        return getattr(self, {"tarpit": "tarpit_action", "greylist": "greylist_action"}.get(check, check))
+        """Return the configured action for `check` (a name in libtarpit.checks.CHECKS)."""
+        return getattr(self, CHECKS[check].key)
 
-    @property
-    def needs_proxy(self) -> bool:
-        """True when a per-command check of the policy itself applies (tarpit, greylist, PIPELINING)."""
-        return bool(
-            (self.tarpit > 0 and self.tarpit_action != "ignore")
-            or self.greylist != "off"
-            or self.hide_pipelining
-        )
 
-    def fast_path(self, has_badheloarg: bool, has_rcptusers: bool) -> bool:
-        """True when nothing is checked per command, so the backend can be exec'd.
-
-        The only place that decides between exec and proxy: the session and the
-        wrapper's start-up short cut both ask here.
-        """
-        return not (self.needs_proxy
-                    or (self.helo_check and has_badheloarg)
-                    or (self.rcpt_check and has_rcptusers))
+def _class_defaults(index: int) -> dict[str, Any]:
+    return {c.key: c.defaults[index] for c in CHECKS.values()}
 
 
 DEFAULTS: dict[str, ClassPolicy] = {
-    "trusted": ClassPolicy(helo_check=False, rcpt_check=False),
+    "trusted": ClassPolicy(**_class_defaults(0)),
     "suspicious": ClassPolicy(
-        tarpit=65.0, greylist="targrey", idle_timeout=60.0, hide_pipelining=True
+        **_class_defaults(1), tarpit=65.0, greylist="targrey", idle_timeout=60.0, hide_pipelining=True,
+        session_limit=600.0, min_data_rate=100, tarpit_before_tls=True,
     ),
-    "normal": ClassPolicy(),
+    "normal": ClassPolicy(**_class_defaults(2)),
 }
+BUILTIN = ClassPolicy()  # the values a limit is compared with to tell whether somebody set it
 
 ENV_KEYS: dict[str, str] = {
     "greet_pause": "GREETDELAY",
@@ -98,17 +93,16 @@ ENV_KEYS: dict[str, str] = {
     "error_soft_limit": "TARPIT_ERROR_SOFT",
     "error_hard_limit": "TARPIT_ERROR_HARD",
     "recipient_limit": "TARPIT_RCPT_LIMIT",
+    "session_limit": "TARPIT_SESSION_LIMIT",
+    "min_data_rate": "TARPIT_MIN_DATA_RATE",
     "hide_pipelining": "TARPIT_HIDE_PIPELINING",
-    "helo_check": "TARPIT_HELO_CHECK",
-    "rcpt_check": "TARPIT_RCPT_CHECK",
     "max_per_ip": "TARPIT_MAX_PER_IP",
-    "pregreet": "TARPIT_ACTION_PREGREET",
-    "helo": "TARPIT_ACTION_HELO",
-    "rcpt": "TARPIT_ACTION_RCPT",
-    "tarpit_action": "TARPIT_ACTION_TARPIT",
-    "greylist_action": "TARPIT_ACTION_GREYLIST",
-    "pipelining": "TARPIT_ACTION_PIPELINING",
+    "tarpit_before_tls": "TARPIT_BEFORE_TLS",
+    **{c.key: "TARPIT_ACTION_" + c.name.upper() for c in CHECKS.values()},
 }
+# Older switches, still read so a running tcp.smtp keeps its meaning: off = action "ignore"
+_OLD_SWITCHES = {"helo_check": ("TARPIT_HELO_CHECK", ("helo", "helo_nodot")),
+                 "rcpt_check": ("TARPIT_RCPT_CHECK", ("rcpt",))}
 
 
 _GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -117,7 +111,7 @@ _GLOBAL_DEFAULTS: dict[str, Any] = {
     "state_dir": "/var/lib/tarpit-smtpd", "greylist_url": "/var/lib/tarpit-smtpd/greylist.sqlite",
     "greylist_delay": 1200.0, "greylist_retries": 2, "greylist_whitelist": 3600.0,
     "greylist_expire": 35 * 86400.0, "greylist_key": "net", "greylist_timeout": 0.5,
-    "greylist_ipv4_prefix": 24, "greylist_ipv6_prefix": 64,
+    "greylist_ipv4_prefix": 24, "greylist_ipv6_prefix": 64, "tls_cert": "", "tls_key": "",
 }
 
 
@@ -141,7 +135,6 @@ class Config(namedtuple("Config", [*_GLOBAL_DEFAULTS, "classes"],
         return pol
 
 
-_ACTION_FIELDS = {"pregreet", "helo", "rcpt", "tarpit_action", "greylist_action", "pipelining"}
 
 GLOBAL_ENV: dict[str, str] = {
     "control": "TARPIT_CONTROL",
@@ -162,11 +155,15 @@ GLOBAL_ENV: dict[str, str] = {
     "greylist_timeout": "TARPIT_GREYLIST_TIMEOUT",
     "greylist_ipv4_prefix": "TARPIT_GREYLIST_IPV4_PREFIX",
     "greylist_ipv6_prefix": "TARPIT_GREYLIST_IPV6_PREFIX",
+    "tls_cert": "TARPIT_TLS_CERT",
+    "tls_key": "TARPIT_TLS_KEY",
 }
 
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
 _INT_MAX = {"greylist_ipv4_prefix": 32, "greylist_ipv6_prefix": 128}
 _POSITIVE = {"greylist_expire", "greylist_timeout"}
+_FLOAT_MAX = {"greylist_delay": 30 * 86400.0, "greylist_whitelist": 400 * 86400.0,
+              "greylist_expire": 400 * 86400.0, "greylist_timeout": 60.0, "rdns_timeout": 60.0}
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("enforce", "warn"),
@@ -179,8 +176,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
-    """Return `raw` converted to the type of field `name`; ConfigError if it does not fit."""
+    """Return `raw` converted to the type of field `name`; ConfigError if it does not fit.
+
+    A TOML string where a number or a boolean belongs ("65") is an error: TOML has types,
+    and a quoted number is a typo worth hearing about.  Environment values are text.
+    """
     try:
+        if kind in (bool, "bool", float, "float", int, "int") and not source.startswith("$") \
+                and isinstance(raw, str):
+            raise ValueError(raw)
         if kind in (bool, "bool"):
             if isinstance(raw, bool):
                 return raw
@@ -192,10 +196,12 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             raise ValueError(raw)
         if kind in (float, "float"):
             value = float(raw)
-            if not value >= 0 or value == float("inf") or (value == 0 and name in _POSITIVE):
+            if not 0 <= value <= _FLOAT_MAX.get(name, MAX_SECONDS) or (value == 0 and name in _POSITIVE):
                 raise ValueError(raw)
             return value
         if kind in (int, "int"):
+            if isinstance(raw, float):
+                raise ValueError(raw)
             value = int(raw)
             if value < 0 or value > _INT_MAX.get(name, value):
                 raise ValueError(raw)
@@ -214,6 +220,8 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
         return value
     except (TypeError, ValueError):
         hint = f" (one of {', '.join(_CHOICES[name])})" if name in _CHOICES else ""
+        if kind in (float, "float"):
+            hint = f" (seconds, 0 to {_FLOAT_MAX.get(name, MAX_SECONDS):g})"
         raise ConfigError(f"{source}: bad value {raw!r} for {name}{hint}") from None
 
 
@@ -244,6 +252,10 @@ def load_config(env: Mapping[str, str], toml_text: str | None = None,
         for key, value in data.items():
             if key in CLASSES and isinstance(value, dict):
                 for k, v in value.items():
+                    if k in _OLD_SWITCHES:
+                        if not _convert(k, v, bool, f"{toml_source} [{key}]"):
+                            per_class[key].update(dict.fromkeys(_OLD_SWITCHES[k][1], "ignore"))
+                        continue
                     if k not in _CLASS_TYPES:
                         raise ConfigError(f"{toml_source}: unknown key [{key}] {k}")
                     per_class[key][k] = _convert(k, v, _CLASS_TYPES[k], f"{toml_source} [{key}]")
@@ -255,6 +267,9 @@ def load_config(env: Mapping[str, str], toml_text: str | None = None,
         if var in env:
             glob[key] = _convert(key, env[var], _GLOBAL_TYPES[key], f"${var}")
     client: dict[str, Any] = {}
+    for key, (var, checks) in _OLD_SWITCHES.items():
+        if var in env and not _convert(key, env[var], bool, f"${var}"):
+            client.update(dict.fromkeys((CHECKS[c].key for c in checks), "ignore"))
     for key, var in ENV_KEYS.items():
         if var in env:
             client[key] = _convert(key, env[var], _CLASS_TYPES[key], f"${var}")

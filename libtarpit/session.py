@@ -1,39 +1,50 @@
-"""Sans-I/O policy state machine for one SMTP connection.
+"""Sans-I/O policy for one SMTP connection: the phases, the checks, the transaction.
 
 Public names:
   Client, classify  re-exported from libtarpit.client
   Lists           the control lists a session consults (badheloarg, rcptusers)
-  SendClient, SendBackend, Sleep, StartBackend, Exec, Close, Log
-                  the actions a driver carries out (immutable values, libtarpit.values)
-  Session         feed it time, client bytes, backend bytes and sleep results;
+  SendClient, SendBackend, Sleep, StartBackend, Exec, StartTLS, Passthrough, Close, Log
+                  the actions a driver carries out (libtarpit.actions)
+  Session         feed it time, client bytes, backend bytes and sleep/TLS results;
                   it returns the actions, in order
   PHASES, TRANSITIONS
                   the phases of a session and the only moves between them
 
-The driver owns every socket, process and clock.  It calls `start()`, then
-for each event one of `client_data`, `backend_data`, `sleep_done`, `timeout`,
-`client_gone`, `fail` and carries out the returned actions in order.  A `Sleep`
-action means: run a disconnect-aware sleep on the client fd and hand the result
-to `sleep_done`; nothing else is fed to the session meanwhile.  The driver reads
-the client only while `wants_client()` and waits no longer than `deadline()`.
+Driver protocol.  The driver owns every socket, process and clock.  It calls
+`start()`, then for each event one of `client_data`, `backend_data`,
+`sleep_done`, `tls_done`, `timeout`, `client_gone`, `fail`, and carries out the
+returned actions in order.  A `Sleep` means: run a disconnect-aware sleep on the
+client and hand the result to `sleep_done`; nothing else is fed meanwhile.  A
+`StartTLS` means: after the replies before it have gone out, run the TLS
+handshake on the client and call `tls_done`.  The driver reads the client only
+while `wants_client()` and waits no longer than `deadline()`.  `Close` carries
+the `end` line, which the driver writes after the backend has exited.
 
-Order of checks, applied in `_rcpt` and nowhere else: allow-lists decide the
-class before the session starts (trusted clients never get here on the
-default policy); then the greylist state (whitelisted / deferred / first
-contact); then the tarpit; then the rcptusers list; then the backend.
+The transaction follows the backend's replies, never the client's lines
+(h11's rule: change state on what both peers agree on).  A transaction starts
+on the backend's 2xx to MAIL; RSET, HELO and EHLO end it only on a 2xx; a BDAT
+chunk is data only inside a transaction the backend confirmed.  While the
+backend owes the reply to a command that changes state, the next command waits.
+Command lines are read by libtarpit.envelope in the one spelling every backend
+reads alike; anything else is refused here (501), never forwarded unchecked.
+
+Order of checks, applied in `_rcpt` and nowhere else: the allow-lists decide the
+class before the session starts; then authentication (an authenticated client
+skips the rest); the recipient limit; the greylist state; the tarpit; rcptusers;
+then the backend.  Each verdict's action is applied by `_judge`.
 """
 
 from __future__ import annotations
 
-import re
-from collections import deque
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
-
-from . import smtp
+from . import checks, envelope, smtp
+from .actions import (ACTION_TYPES, Close, Exec, Log, Passthrough, SendBackend, SendClient,  # noqa: F401
+                      Sleep, StartBackend, StartTLS)
 from .client import Client, classify  # noqa: F401  (re-exported: see the module docstring)
 from .config import ClassPolicy
+from .relay import MAX_BUFFER, Relay
 from .values import value
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 if TYPE_CHECKING:
     from typing import Any, Protocol
 
@@ -47,6 +58,8 @@ if TYPE_CHECKING:
         def tarpit_passed(self, client: str, sender: str, rcpt: str, now: float) -> None: ...
         def delivered(self, client: str, now: float) -> None: ...
 
+    Action = SendClient | SendBackend | Sleep | StartBackend | Exec | StartTLS | Passthrough | Close | Log
+
 
 class Lists(value("Lists", "badheloarg rcptusers", defaults=(None, None))):
     """Control lists loaded at start; None means the list is absent (no check)."""
@@ -54,63 +67,17 @@ class Lists(value("Lists", "badheloarg rcptusers", defaults=(None, None))):
     __slots__ = ()
 
 
-# --- actions -----------------------------------------------------------------
-
-
-class SendClient(value("SendClient", "data")):
-    """Write `data` to the client."""
-
-    __slots__ = ()
-
-
-class SendBackend(value("SendBackend", "data")):
-    """Write `data` to the backend."""
-
-    __slots__ = ()
-
-
-class Sleep(value("Sleep", "seconds stage")):
-    """Sleep `seconds` watching the client; feed the SleepResult to sleep_done."""
-
-    __slots__ = ()
-
-
-class StartBackend(value("StartBackend", "")):
-    """Start the backend on a socketpair and relay from now on."""
-
-    __slots__ = ()
-
-
-class Exec(value("Exec", "")):
-    """Replace this process with the backend on the client's fds (fast path)."""
-
-    __slots__ = ()
-
-
-class Close(value("Close", "reason status", defaults=(0,))):
-    """Close both sides, reap the backend, exit with `status`."""
-
-    __slots__ = ()
-
-
-class Log(value("Log", "event fields", defaults=((),))):
-    """Write log line `event` with `fields`, a tuple of (key, value) pairs."""
-
-    __slots__ = ()
-
-
-ACTION_TYPES = (SendClient, SendBackend, Sleep, StartBackend, Exec, Close, Log)
-if TYPE_CHECKING:
-    Action = SendClient | SendBackend | Sleep | StartBackend | Exec | Close | Log
-
 # --- phases: the one table of moves ------------------------------------------
 
-PHASES = ("greet", "starting", "command", "sleeping", "data_wait", "data_body", "bdat_body", "closed")
+PHASES = ("greet", "starting", "command", "sleeping", "data_wait", "data_body", "bdat_body",
+          "tls", "passthrough", "closed")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("greet", "sleep"): "sleeping",          # greet pause
     ("greet", "start"): "starting",          # no pause: start the backend
+    ("greet", "exec"): "closed",             # fast path: the backend replaces us
     ("sleeping", "start"): "starting",       # greet pause over
+    ("sleeping", "exec"): "closed",
     ("starting", "banner"): "command",
     ("command", "sleep"): "sleeping",        # tarpit or error sleep
     ("sleeping", "wake"): "command",
@@ -120,6 +87,11 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("data_body", "end"): "command",         # <CRLF>.<CRLF> seen
     ("command", "bdat"): "bdat_body",
     ("bdat_body", "end"): "command",
+    ("command", "tls"): "tls",               # our 220 to STARTTLS: handshake next
+    ("tls", "secured"): "command",
+    ("command", "passthrough"): "passthrough",  # the backend's 220 to STARTTLS: bytes only
+    **{(p, "close"): "closed" for p in ("greet", "starting", "command", "sleeping", "data_wait",
+                                        "data_body", "bdat_body", "tls", "passthrough")},
 }
 
 
@@ -128,76 +100,71 @@ class LocalError(RuntimeError):
 
 
 BACKEND_WAIT = 3600.0  # longest we wait for a reply the backend owes (its own timeouts come first)
+DATA_GRACE = 30.0      # seconds of DATA before the minimum data rate applies
+LINGER_QUIT = 5.0      # the backend's own exit after QUIT or a client's close
+LINGER_MESSAGE = 60.0  # ... when it may be queueing a message
 TEMPFAIL = smtp.reply(451, "4.3.0 Temporary local problem, please try again later")
 TIMEOUT = smtp.reply(421, "4.4.2 Timeout, closing connection")
+TOO_SLOW = smtp.reply(421, "4.4.2 Too slow, closing connection")
 TOO_MANY_ERRORS = smtp.reply(421, "4.7.0 Too many errors, closing connection")
 PREGREET = smtp.reply(554, "5.7.1 SMTP protocol violation: you talked before my greeting")
 DROP = smtp.reply(554, "5.7.1 Connection refused by policy")
-HELO_REFUSED = smtp.reply(553, "5.7.1 Sorry, that HELO/EHLO argument is not acceptable")
 LINE_TOO_LONG = smtp.reply(500, "5.5.2 Line too long")
+SYNTAX = smtp.reply(501, "5.5.4 Syntax error in parameters or arguments")
+NO_MAIL = smtp.reply(503, "5.5.1 Bad sequence of commands: MAIL first")
+IN_TXN = smtp.reply(503, "5.5.1 Bad sequence of commands: not inside a mail transaction")
+TLS_ACTIVE = smtp.reply(503, "5.5.1 TLS already active")
+TLS_READY = smtp.reply(220, "2.0.0 Ready to start TLS")
 TOO_MANY_RCPTS = smtp.reply(452, "4.5.3 Too many recipients")
-
-# RFC 3030's syntax exactly: a chunk size qmail/exim would read the same way we do
-_BDAT = re.compile(r"^(0|[1-9][0-9]{0,9})( LAST)?$", re.IGNORECASE)
-# only <CRLF>.<CRLF> ends a message: qmail-smtpd and aiosmtpd ignore a bare-LF dot line,
-# so treating "\n.\n" as the end would let a client smuggle commands past our checks
-_DATA_END = re.compile(rb"\r\n\.\r\n")
-MAX_BUFFER = 65536  # client bytes we hold while we cannot act on them (then we stop reading)
 NO_BANNER = smtp.reply(421, "4.3.0 Service temporarily unavailable, please try again later")
-
-
-class _Pending:
-    """One reply the client is owed, in command order."""
-
-    __slots__ = ("kind", "local", "close")
-
-    def __init__(self, kind: str, local: bytes | None = None, close: str = ""):
-        self.kind = kind      # backend kinds: banner helo ehlo mail rcpt data dot bdat bdat_last quit other
-        self.local = local    # set for replies we make ourselves
-        self.close = close    # close after sending this local reply, with this reason
-
-
-class _Txn:
-    """The mail transaction in progress: its sender and how many RCPTs went on."""
-
-    __slots__ = ("sender", "rcpts")
-
-    def __init__(self, sender: str | None = None):
-        self.sender = sender
-        self.rcpts = 0
+BACKEND_GONE = smtp.reply(421, "4.3.0 Service not available, closing connection")
+# replies to these change the transaction: the next command waits for them
+_BARRIER = ("banner", "helo", "ehlo", "mail", "rset", "data", "dot", "bdat", "bdat_last",
+            "auth", "auth_data", "starttls")
+_STAGES = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
+# session ends after which no message can be half-way into the backend: stop it at once
+_AT_ONCE = frozenset({"tarpit_lost", "greet_lost", "pregreet", "timeout", "session_limit", "slow_data",
+                      "too_many_errors", "policy", "error"})
 
 
 class Session:
     """The policy for one connection.  See the module docstring for the protocol."""
 
     def __init__(self, client: Client, policy: ClassPolicy, lists: Lists,
-                 greylist: GreylistPort | None, now: float, *, backend_needed: bool | None = None):
+                 greylist: GreylistPort | None, now: float, *, proxy: bool = True,
+                 tls: bool = False):
         self.client = client
         self.policy = policy
         self.lists = lists
-        self.greylist = greylist
+        self.greylist = greylist if policy.greylist != "off" else None
         self.phase = "greet"
         self.errors = 0
         self._start = now
         self._last = now
-        self._in = smtp.LineSplitter()
-        self._replies = smtp.ReplyParser()
-        self._queue: deque[_Pending] = deque()
-        self._txn = _Txn()
+        self._out: list[Action] = []
+        self._relay = Relay(self._out)
+        self._proxy = proxy
+        self._tls_offer = tls       # we terminate STARTTLS ourselves (a certificate is configured)
+        self.tls = False            # the client side is encrypted (terminated here or passed through)
+        self.authenticated = False
+        self._auth_mech = ""
+        self._auth_data = False     # the next client line answers a 334 challenge
+        self._sender: str | None = None   # the confirmed transaction's sender; None: no transaction
+        self._rcpts = 0             # recipients the backend accepted in this transaction
+        self._rcpts_sent = 0        # recipients forwarded whose reply is still owed
         self._tarpitted = False
-        self._held: bytes | None = None     # the command line a sleep is holding
+        self._held: tuple[str, str, bytes] | None = None   # (verb, arg, raw) a sleep is holding
+        self._held_rcpt = ""
         self._sleep_stage = ""
         self._error_slept = False
-        self._data_tail = b"\r\n"
-        self._bdat_left = 0
         self._chunking = False      # the backend advertised CHUNKING in its last EHLO reply
+        self._size = 0              # ... and this SIZE (0: none)
         self._client_eof = False    # the client closed; we still relay what the backend owes
-        self._pending_rcpt = ""
-        self._already_buffered = False
-        self._out: list[Action] = []
-        if backend_needed is None:
-            backend_needed = not policy.fast_path(lists.badheloarg is not None, lists.rcptusers is not None)
-        self._proxy = backend_needed
+        self._quit = False          # the backend said 221
+        self._buffered_at_hold = False
+        self._stalled = False
+        self._data_start = 0.0
+        self._data_bytes = 0
 
     # --- driver entry points ---------------------------------------------
 
@@ -225,20 +192,39 @@ class Session:
             self._tarpit_done(result, now, stage)
         return self._flush()
 
+    def tls_done(self, ok: bool, detail: str, now: float) -> list[Action]:
+        """Feed the outcome of the StartTLS action: the handshake finished, or failed with `detail`."""
+        if self.phase != "tls":
+            raise LocalError(f"tls_done in phase {self.phase}")
+        self._last = now
+        if not ok:
+            self._log("tls_failed", detail=smtp.printable(detail))
+            self._close("tls_failed")
+            return self._flush()
+        self.tls = True
+        self._log("tls", detail=smtp.printable(detail))
+        self._goto("secured")
+        self._run(now)
+        return self._flush()
+
     def client_data(self, data: bytes, now: float) -> list[Action]:
         """Feed bytes read from the client; b"" means the client closed."""
         self._last = now
         if self.phase == "closed":
             return []
         if not data:
-            if self._owed() and self.phase in ("command", "data_wait"):
+            if self._relay.owed() and self.phase in ("command", "data_wait"):
                 # e.g. "...QUIT" then shutdown(SHUT_WR): the replies still go out, so a
                 # delivered message is not retried and sent twice
                 self._client_eof = True
             else:
                 self._close("client_closed")
             return self._flush()
-        self._in.feed(data)
+        self._relay.inbuf.feed(data)
+        if self.phase == "data_body":
+            self._data_bytes += len(data)
+            if self._too_slow(now):
+                return self._flush()
         self._run(now)
         return self._flush()
 
@@ -251,35 +237,31 @@ class Session:
     def wants_client(self) -> bool:
         """True when the driver should read from the client now (else it stops reading)."""
         return (not self._client_eof and self.phase in ("command", "data_body", "bdat_body")
-                and len(self._in) < MAX_BUFFER)
+                and len(self._relay.inbuf) < MAX_BUFFER)
 
     def backend_data(self, data: bytes, now: float) -> list[Action]:
         """Feed bytes read from the backend; b"" means the backend closed."""
         if self.phase == "closed":
             return []
         if not data:
-            tail = self._replies.pending()
-            if self.phase == "starting":
-                self._log("error", what="backend", detail="closed before its greeting")
-                tail = NO_BANNER
-            if tail:
-                self._out.append(SendClient(tail))
-            self._close("backend_closed")
+            self._backend_closed()
             return self._flush()
-        for r in self._replies.feed(data):
-            self._backend_reply(r, now)
+        for p, r in self._relay.replies(data):
+            self._reply(p, r, now)
             if self.phase == "closed":
-                break
-        if self._client_eof and not self._owed() and self.phase != "closed":
+                return self._flush()
+        self._run(now)  # commands the client sent before it half-closed go on first
+        if self._client_eof and not self._relay.owed():
             self._close("client_closed")
-        self._run(now)
         return self._flush()
 
     def timeout(self, now: float) -> list[Action]:
-        """The idle deadline passed: say 421 and close."""
+        """The idle deadline or the session limit passed: say 421 and close."""
         if self.phase != "closed":
+            over = self.policy.session_limit > 0 and now >= self._start + self.policy.session_limit
             self._out.append(SendClient(TIMEOUT))
-            self._close("timeout")
+            self._last = now
+            self._close("session_limit" if over else "timeout")
         return self._flush()
 
     def fail(self, what: str, detail: str) -> list[Action]:
@@ -296,12 +278,18 @@ class Session:
         The idle timeout is the client's: while the backend owes a reply (a slow
         content filter at end of DATA) we wait up to BACKEND_WAIT instead, so a
         message the backend may already have queued is not cut off and resent.
+        The session limit bounds the whole connection (a trickling client).
         """
-        if self.phase in ("sleeping", "closed") or self.policy.idle_timeout <= 0:
+        if self.phase in ("sleeping", "closed", "tls", "passthrough"):
             return None
-        if any(p.local is None for p in self._queue):
-            return self._last + max(self.policy.idle_timeout, BACKEND_WAIT)
-        return self._last + self.policy.idle_timeout
+        out = None
+        if self.policy.idle_timeout > 0:
+            idle = max(self.policy.idle_timeout, BACKEND_WAIT) if self._relay.owed() else self.policy.idle_timeout
+            out = self._last + idle
+        if self.policy.session_limit > 0:
+            end = self._start + self.policy.session_limit
+            out = end if out is None else min(out, end)
+        return out
 
     # --- plumbing ----------------------------------------------------------
 
@@ -312,32 +300,55 @@ class Session:
         self.phase = nxt
 
     def _flush(self) -> list[Action]:
-        out, self._out = self._out, []
+        out = self._out[:]
+        del self._out[:]
         return out
 
     def _log(self, event: str, **fields: Any) -> None:
         self._out.append(Log(event, tuple(fields.items())))
 
-    def _warn_or(self, check: str, event: str, **fields: Any) -> str:
-        """Log the decision of `check` and return its action (ignore logs nothing)."""
-        action = self.policy.action(check)
-        if action == "warn":
-            self._log(event, mode="warn", **fields)
-        elif action != "ignore":
-            self._log(event, **fields)
-        return action
-
     def _close(self, reason: str, status: int = 0) -> None:
         if self.phase == "closed":
             return
-        self._log("end", reason=reason, duration=round(self._last - self._start, 3))
-        self.phase = "closed"
-        self._out.append(Close(reason, status))
+        if reason in _AT_ONCE:
+            linger = 0.0
+        elif self._relay.owed("dot", "bdat_last"):
+            linger = LINGER_MESSAGE
+        else:
+            linger = LINGER_QUIT
+        fields = [("reason", reason), ("duration", round(self._last - self._start, 3))]
+        if self.tls:
+            fields.append(("tls", 1))
+        if self.authenticated:
+            fields.append(("auth", 1))
+        self._goto("close")
+        self._out.append(Close(reason, status, linger, tuple(fields)))
 
     def _sleep(self, seconds: float, stage: str) -> None:
         self._sleep_stage = stage
         self._goto("sleep")
         self._out.append(Sleep(seconds, stage))
+
+    def _judge(self, verdict: checks.Verdict, event: str | None = None) -> str:
+        """Apply a verdict's configured action; return "pass", "warn", "enforce" or "drop".
+
+        Logs the verdict (with mode=warn for warn; nothing for ignore).  For a
+        verdict with a reply, enforce answers it here (counted as an error) and
+        drop answers 554 and closes.  A verdict without one (pregreet, tarpit)
+        leaves enforce and drop to the caller.  The caller carries on for pass
+        and warn, and stops for enforce and drop.
+        """
+        what = checks.outcome(checks.action_of(self.policy, verdict.check))
+        event = event or checks.CHECKS[verdict.check].event
+        if what == "warn":
+            self._out.append(Log(event, (("mode", "warn"),) + verdict.fields))
+        elif what != "pass":
+            self._out.append(Log(event, verdict.fields))
+        if verdict.reply is not None and what == "drop":
+            self._drop()
+        elif verdict.reply is not None and what == "enforce":
+            self._local(verdict.reply, error=True)
+        return what
 
     # --- greeting ------------------------------------------------------------
 
@@ -347,13 +358,13 @@ class Session:
             self._close("greet_lost")
             return
         if result.early:
-            action = self._warn_or("pregreet", "pregreet", elapsed=result.early_at or 0.0,
-                                   bytes=len(result.early))
-            if action in ("enforce", "drop") or result.disconnected:
-                # enforce answers 554; drop hangs up without a word (seed 004)
-                if action == "enforce" and not result.disconnected:
+            verdict = checks.Verdict("pregreet", "early", None,
+                                     (("elapsed", result.early_at or 0.0), ("bytes", len(result.early))))
+            what = self._judge(verdict)
+            if what in ("enforce", "drop") or result.disconnected:
+                if what == "enforce" and not result.disconnected:
                     self._out.append(SendClient(PREGREET))
-                self._close("pregreet")
+                self._close("pregreet")  # drop hangs up without a word (seed 004)
                 return
         self._begin(result.early)
 
@@ -361,168 +372,202 @@ class Session:
         """Exec the backend (fast path) or start it and wait for its banner."""
         if not self._proxy and not early:
             self._log("exec")
-            self.phase = "closed"
+            self._goto("exec")
             self._out.append(Exec())
             return
         self._goto("start")
-        self._in.feed(early)
-        self._queue.append(_Pending("banner"))
+        self._relay.inbuf.feed(early)
+        self._relay.expect("banner")
         self._out.append(StartBackend())
 
     # --- client side -------------------------------------------------------
 
     def _run(self, now: float) -> None:
         """Handle buffered client bytes as far as the phase allows."""
-        while self.phase in ("command", "data_body", "bdat_body") and len(self._in):
+        relay = self._relay
+        while self.phase in ("command", "data_body", "bdat_body") and len(relay.inbuf):
             if self.phase == "data_body":
-                self._data_bytes(self._in.take())
-                continue
-            if self.phase == "bdat_body":
-                chunk = self._in.take(self._bdat_left)
-                self._bdat_left -= len(chunk)
-                self._out.append(SendBackend(chunk))
-                if self._bdat_left == 0:
+                if relay.body():
                     self._goto("end")
                 continue
-            if self.errors >= self.policy.error_soft_limit and self._held is None:
-                if self._owed():
-                    return  # past the soft limit, one command at a time: replies first
+            if self.phase == "bdat_body":
+                if relay.chunk():
+                    self._goto("end")
+                continue
+            if relay.owed(*_BARRIER):
+                break  # the transaction is what the backend's next reply says
+            if self._held is None and self.errors >= self.policy.error_soft_limit:
+                if relay.owed():
+                    break  # past the soft limit, one command at a time: replies first
                 if self.policy.error_sleep > 0 and not self._error_slept:
                     self._sleep(self.policy.error_sleep, "error")
                     return
-            self._error_slept = False
-            line = self._held
-            self._held = None
+            line, overlong = relay.inbuf.next_line()
             if line is None:
-                line, overlong = self._in.next_line()
-                if line is None:
-                    return
-                if overlong:
-                    self._local(LINE_TOO_LONG, error=True)
-                    continue
-            self._command(smtp.parse_command(line), now)
+                break
+            self._error_slept = False
+            if overlong:
+                self._local(LINE_TOO_LONG, error=True)
+            elif self._auth_data:
+                self._auth_data = False  # an answer to a 334 challenge: opaque, never logged
+                relay.forward(line, "auth_data")
+            else:
+                self._command(line, now)
+            if self._stalled:
+                self._stalled = False
+                break  # that command waits for the replies the backend still owes
         self._send_ready()
 
-    def _owed(self) -> bool:
-        """True while the backend owes the client a reply."""
-        return any(p.local is None for p in self._queue)
-
-    def _data_bytes(self, data: bytes) -> None:
-        """Pass message bytes through unchanged until the end-of-data line."""
-        buf = self._data_tail + data
-        m = _DATA_END.search(buf)
-        if m is None:
-            self._out.append(SendBackend(data))
-            self._data_tail = buf[-4:]
-            return
-        cut = m.end() - len(self._data_tail)
-        self._out.append(SendBackend(data[:cut]))
-        self._in.feed(data[cut:])
-        self._queue.append(_Pending("dot"))
-        self._goto("end")
-
-    def _command(self, cmd: smtp.Command, now: float) -> None:
-        verb = cmd.verb
-        stage = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}.get(verb)
+    def _command(self, line: bytes, now: float) -> None:
+        split = envelope.verb_split(line)
+        if split is None:
+            return self._local(SYNTAX, error=True)
+        verb, arg = split
+        stage = _STAGES.get(verb)
         if stage and stage == self.policy.tarpit_stage and stage != "rcpt" and self._want_tarpit():
-            if self._tarpit(cmd.raw):
+            if self._tarpit(verb, arg, line, ""):
                 return
+        self._dispatch(verb, arg, line, now)
+
+    def _dispatch(self, verb: str, arg: str, line: bytes, now: float) -> None:
+        """Carry out one parsed command (after any tarpit that held it)."""
+        relay = self._relay
+        if verb in envelope.NO_ARG_VERBS and not envelope.no_arg(arg):
+            return self._local(SYNTAX, error=True)
         if verb in ("HELO", "EHLO"):
-            self._helo(cmd)
+            self._helo(verb, arg, line)
         elif verb == "MAIL":
-            self._txn = _Txn(sender=smtp.mail_path(cmd.arg) or "")
-            self._forward(cmd.raw, "mail")
+            sender = envelope.mail_arg(arg)
+            if sender is None:
+                return self._local(SYNTAX, error=True)
+            relay.forward(line, "mail", sender)
         elif verb == "RCPT":
-            self._rcpt(cmd, now)
+            self._rcpt(arg, line, now)
         elif verb == "DATA":
-            self._forward(cmd.raw, "data")
+            relay.forward(line, "data")
             self._goto("data")
-        elif verb == "BDAT" and self._chunking and _BDAT.match(cmd.arg):
-            # only a backend that advertised CHUNKING reads the chunk as data; to any
-            # other the bytes are commands, and must go through our checks as such
-            m = _BDAT.match(cmd.arg)
-            self._forward(cmd.raw, "bdat_last" if m.group(2) else "bdat")
-            self._bdat_left = int(m.group(1))
-            if self._bdat_left:
-                self._goto("bdat")
+        elif verb == "BDAT":
+            self._bdat(arg, line)
         elif verb == "RSET":
-            self._txn = _Txn()
-            self._forward(cmd.raw, "other")
+            relay.forward(line, "rset")
         elif verb == "QUIT":
-            self._forward(cmd.raw, "quit")
+            relay.forward(line, "quit")
+        elif verb == "STARTTLS":
+            self._starttls(line, now)
+        elif verb == "AUTH":
+            self._auth_mech = smtp.printable(arg.split(" ", 1)[0].upper(), 20) if arg else ""
+            relay.forward(line, "auth")
         else:
-            self._forward(cmd.raw, "other")
+            relay.forward(line, "other")
 
-    def _helo(self, cmd: smtp.Command) -> None:
-        if self.policy.helo_check and self.lists.badheloarg is not None:
-            from . import control
+    def _helo(self, verb: str, arg: str, line: bytes) -> None:
+        name = envelope.helo_arg(arg)
+        if name is None:
+            return self._local(SYNTAX, error=True)
+        if not self.authenticated:
+            verdict = checks.helo(name, self.client.ip, self.lists, self.policy)
+            if verdict is not None and self._judge(verdict) in ("enforce", "drop"):
+                return
+        self._relay.forward(line, verb.lower())
 
-            reason = control.helo_refused(cmd.arg, self.lists.badheloarg)
-            if reason:
-                action = self._warn_or("helo", "helo_reject", helo=smtp.printable(cmd.arg), reason=reason)
-                if action == "drop":
-                    return self._drop()
-                if action == "enforce":
-                    return self._local(HELO_REFUSED, error=True)
-        self._forward(cmd.raw, "ehlo" if cmd.verb == "EHLO" else "helo")
-
-    def _rcpt(self, cmd: smtp.Command, now: float) -> None:
-        """RCPT: limits, greylist state, tarpit, rcptusers, backend (this order)."""
-        rcpt = smtp.mail_path(cmd.arg)
-        if rcpt is None or self._txn.sender is None:
-            return self._forward(cmd.raw, "rcpt")
-        if self._txn.rcpts >= self.policy.recipient_limit:
+    def _rcpt(self, arg: str, line: bytes, now: float) -> None:
+        """RCPT: syntax, transaction, limit, greylist state, tarpit, rcptusers, backend (this order)."""
+        rcpt = envelope.rcpt_arg(arg)
+        if rcpt is None:
+            return self._local(SYNTAX, error=True)
+        if self._sender is None:
+            return self._local(NO_MAIL, error=True)
+        if self._rcpts + self._rcpts_sent >= self.policy.recipient_limit:
             return self._local(TOO_MANY_RCPTS, error=True)
+        if self.authenticated:
+            return self._forward_rcpt(line, rcpt)
         decision = self._greylist_check(rcpt, now)
         if decision is not None and decision.action == "defer":
-            action = self._warn_or("greylist", "greylist_defer", rcpt=smtp.printable(rcpt),
-                                   reason=decision.reason, retry_after=round(decision.retry_after or 0))
-            if action == "drop":
-                return self._drop()
-            if action == "enforce":
-                wait = int(decision.retry_after or 0)
-                when = f"in {wait} seconds" if wait > 0 else "later"
-                return self._local(smtp.reply(
-                    450, f"4.7.1 <{smtp.printable(rcpt)}>: Greylisted, please try again {when}"),
-                    error=True)
+            if self._judge(checks.greylist_defer(decision, rcpt)) in ("enforce", "drop"):
+                return
         elif decision is not None and decision.action == "pass":
             self._log("greylist_pass", reason=decision.reason)
             self._tarpitted = True
+        elif decision is not None and not self._want_tarpit():
+            # taRgrey asks for a tarpit this client's policy does not have (TARPIT=0 or
+            # ignored): pass, record nothing, and say so
+            self._log("greylist_pass", reason="no_tarpit")
+            self._tarpitted = True
         if self.policy.tarpit_stage == "rcpt" and self._want_tarpit():
-            self._pending_rcpt = rcpt
-            if self._tarpit(cmd.raw):
+            if self._tarpit("RCPT", arg, line, rcpt):
                 return
-        self._rcpt_after_tarpit(cmd, rcpt)
+        self._rcpt_checked(line, rcpt)
 
-    def _rcpt_after_tarpit(self, cmd: smtp.Command, rcpt: str) -> None:
-        from . import control
+    def _rcpt_checked(self, line: bytes, rcpt: str) -> None:
+        """The rest of RCPT after the tarpit: rcptusers, then the backend."""
+        if not self.authenticated:
+            verdict = checks.rcpt(rcpt, self.lists, self.policy)
+            if verdict is not None and self._judge(verdict) in ("enforce", "drop"):
+                return
+        self._forward_rcpt(line, rcpt)
 
-        if self.policy.rcpt_check and self.lists.rcptusers is not None \
-                and not control.rcpt_valid(rcpt, self.lists.rcptusers):
-            action = self._warn_or("rcpt", "rcpt_reject", rcpt=smtp.printable(rcpt), reason="unknown_user")
-            if action == "drop":
-                return self._drop()
-            if action == "enforce":
-                return self._local(smtp.reply(
-                    550, f"5.1.1 <{smtp.printable(rcpt)}>: Recipient address rejected: no such user"),
-                    error=True)
-        self._txn.rcpts += 1
-        self._forward(cmd.raw, "rcpt")
+    def _forward_rcpt(self, line: bytes, rcpt: str) -> None:
+        self._rcpts_sent += 1
+        self._relay.forward(line, "rcpt", rcpt)
+
+    def _bdat(self, arg: str, line: bytes) -> None:
+        """BDAT: a chunk only inside a confirmed transaction, sizes as every backend reads them."""
+        if self._relay.owed("rcpt"):
+            # whether a transaction with recipients exists is the backend's word: wait for it
+            self._relay.inbuf.feed(line, front=True)
+            self._stalled = True
+            return
+        size = envelope.bdat_arg(arg, self._size or envelope.BDAT_LIMIT)
+        if size is None:
+            return self._local(SYNTAX, error=True)
+        n, last = size
+        if not self._chunking or self._sender is None or self._rcpts == 0:
+            # refuse, and swallow the chunk the client sends anyway: its bytes are data,
+            # never commands (and never reach the backend)
+            self._local(NO_MAIL if self._sender is None else IN_TXN, error=True)
+            self._relay.start_chunk(n, discard=True)
+        else:
+            self._relay.forward(line, "bdat_last" if last else "bdat")
+            self._relay.start_chunk(n)
+        if n:
+            self._goto("bdat")
+
+    def _starttls(self, line: bytes, now: float) -> None:
+        if self.tls:
+            return self._local(TLS_ACTIVE, error=True)
+        if self._sender is not None:
+            return self._local(IN_TXN, error=True)
+        if self._tls_offer:
+            self._local(TLS_READY)
+            self._discard_injected()
+            self._goto("tls")
+            self._out.append(StartTLS())
+            return
+        if self.policy.tarpit_before_tls and self._want_tarpit():
+            # pass-through: after the backend's 220 we see nothing, so the tarpit runs now
+            if self._tarpit("STARTTLS", "", line, ""):
+                return
+        self._relay.forward(line, "starttls")
+
+    def _discard_injected(self) -> None:
+        """Plaintext after STARTTLS must never run inside TLS (CVE-2011-0411): drop and log it."""
+        junk = self._relay.inbuf.take()
+        if junk:
+            self._log("tls_injection", bytes=len(junk))
 
     def _greylist_check(self, rcpt: str, now: float) -> Any:
-        if self.greylist is None or self.policy.greylist == "off":
+        if self.greylist is None:
             return None
         try:
             # a normal client under "greylist" gets postgrey's plain triplet greylist
             plain = self.client.cls != "suspicious" and self.policy.greylist == "greylist"
-            return self.greylist.check(self.client.key, self._txn.sender or "", rcpt, now,
-                                       suspicious=not plain)
+            return self.greylist.check(self.client.key, self._sender or "", rcpt, now, suspicious=not plain)
         except Exception as e:  # fail open: a broken store must not cost mail
             self._log("error", what="greylist", detail=smtp.printable(str(e)))
             return None
 
     def _greylist_call(self, method: str, *args: Any) -> None:
-        if self.greylist is None or self.policy.greylist == "off":
+        if self.greylist is None or self.authenticated:
             return
         try:
             getattr(self.greylist, method)(self.client.key, *args)
@@ -532,31 +577,39 @@ class Session:
     # --- tarpit ------------------------------------------------------------
 
     def _want_tarpit(self) -> bool:
-        return not self._tarpitted and self.policy.tarpit > 0 and self.policy.tarpit_action != "ignore"
+        return (not self._tarpitted and not self.authenticated and self.policy.tarpit > 0
+                and self.policy.tarpit_action != "ignore")
 
-    def _tarpit(self, raw: bytes) -> bool:
-        """Start the tarpit holding command `raw`; False when warn mode lets it through."""
+    def _tarpit(self, verb: str, arg: str, line: bytes, rcpt: str) -> bool:
+        """Start the tarpit holding a command; False when warn mode lets it through."""
         self._tarpitted = True
-        stage = self.policy.tarpit_stage
-        action = self._warn_or("tarpit", "tarpit_start", stage=stage, seconds=self.policy.tarpit)
-        if action == "drop":  # no hold at all: refuse and hang up (for a site under load)
+        stage = "tls" if verb == "STARTTLS" else self.policy.tarpit_stage
+        verdict = checks.Verdict("tarpit", stage, None, (("stage", stage), ("seconds", self.policy.tarpit)))
+        what = self._judge(verdict)
+        if what == "drop":  # no hold at all: refuse and hang up (for a site under load)
             self._drop()
             return True
-        if action != "enforce":
+        if what != "enforce":
             return False
-        self._held = raw
-        self._already_buffered = len(self._in) > 0
+        self._held = (verb, arg, line)
+        self._held_rcpt = rcpt
+        self._buffered_at_hold = len(self._relay.inbuf) > 0
         self._sleep(self.policy.tarpit, stage)
         return True
 
     def _tarpit_done(self, result: SleepResult, now: float, stage: str) -> None:
-        sender, rcpt = self._txn.sender or "", self._pending_rcpt
-        if self._already_buffered or result.early:
-            at = 0.0 if self._already_buffered else (result.early_at or 0.0)
-            action = self._warn_or("pipelining", "pipelining", stage=stage, elapsed=at,
-                                   bytes=len(self._in) + len(result.early))
-        else:
-            action = "ignore"
+        sender, rcpt = self._sender or "", self._held_rcpt
+        what = "pass"
+        if self._buffered_at_hold or result.early:
+            at = 0.0 if self._buffered_at_hold else (result.early_at or 0.0)
+            verdict = checks.Verdict("pipelining", "early", None,
+                                     (("stage", stage), ("elapsed", at),
+                                      ("bytes", len(self._relay.inbuf) + len(result.early))))
+            what = checks.outcome(checks.action_of(self.policy, "pipelining"))
+            if what in ("enforce", "drop"):
+                self._out.append(Log("pipelining", verdict.fields))
+            elif what == "warn":
+                self._out.append(Log("pipelining", (("mode", "warn"),) + verdict.fields))
         if result.disconnected:
             self._log("tarpit_lost", stage=stage, elapsed=result.elapsed)
             self._greylist_call("tarpit_lost", sender, rcpt, now)
@@ -565,7 +618,7 @@ class Session:
             return
         self._log("tarpit_done", stage=stage, elapsed=result.elapsed)
         self._greylist_call("tarpit_passed", sender, rcpt, now)
-        if action in ("enforce", "drop"):
+        if what in ("enforce", "drop"):
             self._goto("wake")
             return self._drop()
         self._woke(result, now, stage)
@@ -577,27 +630,22 @@ class Session:
             return
         self._goto("wake")
         self._last = now
-        held = self._held
-        self._in.feed(result.early)
+        self._relay.inbuf.feed(result.early)
+        held, self._held = self._held, None
         if held is not None and stage not in ("greet", "error"):
-            self._held = None
-            cmd = smtp.parse_command(held)
-            if cmd.verb == "RCPT":
-                self._rcpt_after_tarpit(cmd, self._pending_rcpt)
+            verb, arg, line = held
+            if verb == "RCPT":
+                self._rcpt_checked(line, self._held_rcpt)
             else:
-                self._command(cmd, now)
+                self._dispatch(verb, arg, line, now)
         self._run(now)
 
     # --- replies -----------------------------------------------------------
 
-    def _forward(self, raw: bytes, kind: str) -> None:
-        self._queue.append(_Pending(kind))
-        self._out.append(SendBackend(raw))
-
     def _local(self, data: bytes, *, error: bool = False, close: str = "") -> None:
         if error:
             self.errors += 1
-        self._queue.append(_Pending("local", data, close))
+        self._relay.answer(data, close)
         self._send_ready()
         if error and self.errors >= self.policy.error_hard_limit:
             self._too_many_errors()
@@ -613,33 +661,109 @@ class Session:
 
     def _send_ready(self) -> None:
         """Send the local replies now at the head of the queue."""
-        while self._queue and self._queue[0].local is not None and self.phase != "closed":
-            p = self._queue.popleft()
+        if self.phase == "closed":
+            return
+        for p in self._relay.ready():
             self._out.append(SendClient(p.local))
             if p.close:
                 self._close(p.close)
+                return
 
-    def _backend_reply(self, r: smtp.Reply, now: float) -> None:
-        p = self._queue.popleft() if self._queue and self._queue[0].local is None else _Pending("other")
+    def _backend_closed(self) -> None:
+        tail = self._relay.backend_tail()
+        if self.phase == "starting":
+            self._log("error", what="backend", detail="closed before its greeting")
+            tail = NO_BANNER
+        elif not self._quit and self.phase != "passthrough":
+            # it died mid-session: the client gets a reply, not a silent close
+            self._log("error", what="backend", detail="closed in mid-session")
+            tail = tail + BACKEND_GONE if tail.endswith(b"\n") or not tail else BACKEND_GONE
+        if tail:
+            self._out.append(SendClient(tail))
+        self._close("backend_closed")
+
+    def _reply(self, p: Any, r: smtp.Reply, now: float) -> None:
+        """One backend reply to command `p`: update the transaction from it, pass it on."""
         raw = r.raw
-        if p.kind == "banner":
+        ok = 200 <= r.code < 300
+        kind = p.kind
+        if kind == "banner":
             self._goto("banner")
-        elif p.kind in ("ehlo", "helo"):
-            self._chunking = p.kind == "ehlo" and r.code == 250 and b"CHUNKING" in smtp.extensions(r)
-            if p.kind == "ehlo" and self.policy.hide_pipelining and r.code == 250:
-                # PIPECONNECT (exim) presumes PIPELINING, so it goes too
-                raw = smtp.drop_extension(r, b"PIPELINING", b"PIPECONNECT")
-        elif p.kind == "data":
+        elif kind in ("ehlo", "helo"):
+            if ok:
+                self._sender, self._rcpts = None, 0
+            if kind == "ehlo" and ok:
+                raw = self._ehlo_reply(r)
+        elif kind == "mail" and ok:
+            self._sender, self._rcpts = p.arg, 0
+        elif kind == "rcpt":
+            self._rcpts_sent -= 1
+            if ok:
+                self._rcpts += 1
+        elif kind == "rset" and ok:
+            self._sender, self._rcpts = None, 0
+        elif kind == "data":
             self._goto("go" if r.code == 354 else "no")
-            self._data_tail = b"\r\n"
-        elif p.kind in ("dot", "bdat_last") and r.positive:
-            self._txn = _Txn()
-            self.errors = 0  # as Postfix: a delivered message resets the error counter (seed 002)
-            self._greylist_call("delivered", now)
+            if r.code == 354:
+                self._relay.start_body()
+                self._data_start, self._data_bytes = now, 0
+        elif kind in ("dot", "bdat_last"):
+            self._sender, self._rcpts = None, 0  # the transaction ends, delivered or not
+            if ok:
+                self.errors = 0  # as Postfix: a delivered message resets the error counter (seed 002)
+                self._greylist_call("delivered", now)
+        elif kind in ("auth", "auth_data"):
+            self._auth_reply(r)
+        elif kind == "quit" and r.code == 221:
+            self._quit = True
         self._out.append(SendClient(raw))
-        if r.code >= 400 and p.kind != "banner":
+        if kind == "starttls" and r.code == 220:
+            self._discard_injected()
+            self.tls = True
+            self._log("tls_passthrough")
+            self._goto("passthrough")
+            self._out.append(Passthrough())
+            return
+        if r.code >= 400 and kind != "banner":
             self.errors += 1
             if self.errors >= self.policy.error_hard_limit:
                 self._too_many_errors()
                 return
         self._send_ready()
+
+    def _auth_reply(self, r: smtp.Reply) -> None:
+        if r.code == 334:
+            self._auth_data = True
+        elif r.code == 235:
+            self.authenticated = True
+            self._log("auth", mech=self._auth_mech, result="ok")
+        else:
+            self._log("auth", mech=self._auth_mech, result="fail", code=r.code)
+
+    def _ehlo_reply(self, r: smtp.Reply) -> bytes:
+        """The backend's EHLO reply as the client sees it; notes CHUNKING and SIZE."""
+        exts = smtp.extensions(r)
+        self._chunking = b"CHUNKING" in exts
+        self._size = smtp.size_limit(r)
+        hide: list[bytes] = []
+        if self.policy.hide_pipelining:
+            hide += [b"PIPELINING", b"PIPECONNECT"]  # PIPECONNECT (exim) presumes PIPELINING
+        add: list[bytes] = []
+        if self._tls_offer:
+            hide.append(b"STARTTLS")  # ours, not the backend's
+            if not self.tls:
+                add.append(b"STARTTLS")
+        if not hide and not add:
+            return r.raw
+        return smtp.drop_extension(r, *hide, add=tuple(add))
+
+    def _too_slow(self, now: float) -> bool:
+        """Close a client that trickles its message slower than min_data_rate bytes/s."""
+        rate = self.policy.min_data_rate
+        spent = now - self._data_start
+        if rate <= 0 or spent < DATA_GRACE or self._data_bytes >= rate * spent:
+            return False
+        self._log("slow_data", bytes=self._data_bytes, elapsed=round(spent, 1))
+        self._out.append(SendClient(TOO_SLOW))
+        self._close("slow_data")
+        return True

@@ -10,7 +10,8 @@ Public names:
   reply           build reply bytes from a code and text lines
   mail_path       the address inside MAIL FROM:<...> / RCPT TO:<...>
   extensions      the keywords an EHLO reply advertises
-  drop_extension  an EHLO reply without some extension keywords (e.g. PIPELINING)
+  drop_extension  an EHLO reply without some extension keywords (e.g. PIPELINING), or with more
+  size_limit      the SIZE an EHLO reply advertises
   printable       cap and escape client text before it is echoed anywhere
 """
 
@@ -56,9 +57,12 @@ class LineSplitter:
         self._max = max_line
         self._discarding = False
 
-    def feed(self, data: bytes) -> None:
-        """Append `data` to the buffer."""
-        self._buf += data
+    def feed(self, data: bytes, front: bool = False) -> None:
+        """Append `data` to the buffer (put it before what is buffered with `front`)."""
+        if front:
+            self._buf[:0] = data
+        else:
+            self._buf += data
 
     def next_line(self) -> tuple[bytes | None, bool]:
         """Return (line, overlong) for the next complete line, or (None, False) if none yet."""
@@ -195,8 +199,18 @@ def extensions(r: Reply) -> list[bytes]:
     return out
 
 
-def drop_extension(r: Reply, *keywords: bytes) -> bytes:
-    """Return the raw bytes of EHLO reply `r` without the lines advertising any of `keywords`.
+def size_limit(r: Reply) -> int:
+    """The SIZE an EHLO reply advertises, in bytes; 0 when none (or no number)."""
+    for ln in r.lines[1:]:
+        words = ln.rstrip(b"\r\n")[4:].split()
+        if len(words) == 2 and words[0].upper() == b"SIZE" and words[1].isdigit():
+            return int(words[1])
+    return 0
+
+
+def drop_extension(r: Reply, *keywords: bytes, add: tuple[bytes, ...] = ()) -> bytes:
+    """Return the raw bytes of EHLO reply `r` without the lines advertising any of `keywords`,
+    and with one line for each of `add` at the end.
 
     Every line is rebuilt as code, separator, text, CRLF, so the last line keeps
     "ddd " and a short line ("250") keeps its CRLF.
@@ -207,6 +221,7 @@ def drop_extension(r: Reply, *keywords: bytes) -> bytes:
         words = text.split()
         if not words or words[0].upper() not in keywords:
             texts.append(text)
+    texts += add
     code = str(r.code).encode()
     return b"".join(code + (b" " if i == len(texts) - 1 else b"-") + t + b"\r\n"
                     for i, t in enumerate(texts))

@@ -311,7 +311,8 @@ def test_pipelined_bdat_then_data_in_one_session(exim_server, exim):
                  b"BDAT 0\r\nBDAT %d LAST\r\n" % len(first) + first +
                  b"MAIL FROM:<a@example.org>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n")
     got = replies(sock, 7)
-    assert [r[:3] for r in got] == [b"250"] * 6 + [b"354"], got
+    # an empty chunk without LAST is refused here (envelope.bdat_arg: one reading for every backend)
+    assert [r[:3] for r in got] == [b"250", b"250", b"501"] + [b"250"] * 3 + [b"354"], got
     sock.sendall(re.sub(rb"(?m)^\.", b"..", second) + b".\r\nQUIT\r\n")
     final, bye = replies(sock, 2)
     assert final.startswith(b"250 ") and bye.startswith(b"221 ")

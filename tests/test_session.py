@@ -11,6 +11,7 @@ from libtarpit import control, smtp
 from libtarpit.config import DEFAULTS, load_config
 from libtarpit.session import (Close, Exec, Lists, Log, PHASES, TRANSITIONS, SendBackend, SendClient,
                                Session, Sleep, StartBackend, classify)
+from libtarpit.session import LocalError
 from libtarpit.sleep import Outcome, SleepResult
 
 NORMAL = classify("192.0.2.1", "mail.example.org", relayclient=False, verdict=None, key="192.0.2.0/24")
@@ -28,11 +29,17 @@ def sent_backend(actions) -> bytes:
 
 
 def events(actions) -> list[str]:
-    return [a.event for a in actions if isinstance(a, Log)]
+    """The log events, with the Close's end line last, as the driver writes them."""
+    return [a.event for a in actions if isinstance(a, Log)] + ["end" for a in actions if isinstance(a, Close)]
+
+
+def closed(actions) -> Close:
+    [c] = [a for a in actions if isinstance(a, Close)]
+    return c
 
 
 def started(policy, lists=Lists(), client=SUSPICIOUS, greylist=None) -> Session:
-    s = Session(client, policy, lists, greylist, 1000.0, backend_needed=True)
+    s = Session(client, policy, lists, greylist, 1000.0, proxy=True)
     acts = s.start()
     if any(isinstance(a, Sleep) for a in acts):
         acts = s.sleep_done(SleepResult(Outcome.ELAPSED, policy.greet_pause), 1001.0)
@@ -56,8 +63,8 @@ def test_phase_table_names_only_known_phases():
         assert src in PHASES and dst in PHASES
 
 
-def test_normal_client_with_nothing_to_check_is_execed():
-    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0)
+def test_a_session_told_to_exec_execs():
+    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0, proxy=False)
     acts = s.start()
     assert events(acts) == ["connect", "exec"]
     assert isinstance(acts[-1], Exec)
@@ -65,11 +72,11 @@ def test_normal_client_with_nothing_to_check_is_execed():
 
 def test_greet_pause_then_exec_and_pregreet_554():
     pol = DEFAULTS["normal"]._replace(greet_pause=5.0)
-    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s = Session(NORMAL, pol, Lists(), None, 0.0, proxy=False)
     assert [a for a in s.start() if isinstance(a, Sleep)] == [Sleep(5.0, "greet")]
     assert isinstance(s.sleep_done(SleepResult(Outcome.ELAPSED, 5.0), 5.0)[-1], Exec)
 
-    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s = Session(NORMAL, pol, Lists(), None, 0.0, proxy=False)
     s.start()
     acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 5.0, b"EHLO x\r\n", 0.5), 5.0)
     assert sent_client(acts).startswith(b"554 ")
@@ -78,7 +85,7 @@ def test_greet_pause_then_exec_and_pregreet_554():
 
 def test_pregreet_in_warn_mode_replays_the_early_bytes_to_the_backend():
     pol = load_config({"TARPIT_MODE": "warn", "GREETDELAY": "2"}).policy("normal")
-    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s = Session(NORMAL, pol, Lists(), None, 0.0, proxy=False)
     s.start()
     acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 2.0, b"EHLO x\r\n", 0.5), 2.0)
     assert [a for a in acts if isinstance(a, Log) and a.event == "pregreet"][0].fields[0] == ("mode", "warn")
@@ -89,11 +96,11 @@ def test_pregreet_in_warn_mode_replays_the_early_bytes_to_the_backend():
 
 def test_pipelining_hidden_from_suspicious_ehlo():
     s = started(SUSP)
-    assert sent_backend(s.client_data(b"EHLO bot\r\n", 1.0)) == b"EHLO bot\r\n"
+    assert sent_backend(s.client_data(b"EHLO bot.example\r\n", 1.0)) == b"EHLO bot.example\r\n"
     out = sent_client(s.backend_data(EHLO_REPLY, 1.0))
     assert out == b"250-backend\r\n250-8BITMIME\r\n250 SIZE 1000\r\n"
     last_line = b"250-backend\r\n250-8BITMIME\r\n250 PIPELINING\r\n"
-    s.client_data(b"EHLO again\r\n", 1.0)
+    s.client_data(b"EHLO again.example\r\n", 1.0)
     assert sent_client(s.backend_data(last_line, 1.0)) == b"250-backend\r\n250 8BITMIME\r\n"
 
 
@@ -110,7 +117,7 @@ def test_tarpit_holds_rcpt_and_a_disconnect_ends_everything():
     assert events(acts) == ["tarpit_lost", "end"]
     lost = dict(acts[0].fields)
     assert lost == {"stage": "rcpt", "elapsed": 31.4}
-    assert acts[-1] == Close("tarpit_lost")
+    assert closed(acts).reason == "tarpit_lost" and closed(acts).linger == 0, "nothing in flight: stop at once"
     assert s.phase == "closed"
 
 
@@ -119,12 +126,14 @@ def test_tarpit_survivor_is_relayed_and_early_bytes_logged_then_replayed_in_orde
     s.client_data(b"HELO bot.example\r\n", 1.0)
     s.backend_data(b"250 hi\r\n", 1.0)
     acts = s.client_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n", 2.0)
-    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\n"
+    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\n", "RCPT waits for the MAIL reply"
+    acts = s.backend_data(b"250 ok\r\n", 2.0)
+    assert [a for a in acts if isinstance(a, Sleep)] == [Sleep(65.0, "rcpt")]
     acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 65.0, b"DATA\r\n", 12.0), 67.0)
     assert "tarpit_done" in events(acts) and "pipelining" in events(acts)
     assert sent_backend(acts) == b"RCPT TO:<bob@example.com>\r\nDATA\r\n"
-    out = sent_client(s.backend_data(b"250 ok\r\n250 ok\r\n354 go\r\n", 67.0))
-    assert out == b"250 ok\r\n250 ok\r\n354 go\r\n"
+    out = sent_client(s.backend_data(b"250 ok\r\n354 go\r\n", 67.0))
+    assert out == b"250 ok\r\n354 go\r\n"
     assert s.phase == "data_body"
     s.client_data(b"RCPT TO:<again@example.com>\r\n", 68.0)
     assert s._tarpitted, "once per connection"
@@ -134,12 +143,14 @@ def test_local_refusals_keep_reply_order_with_pipelined_commands(tmp_path):
     lists = make_lists(tmp_path, rcptusers="bob\n")
     s = started(DEFAULTS["normal"], lists, client=NORMAL)
     acts = s.client_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<eve@example.com>\r\n"
-                         b"RCPT TO:<bob@example.com>\r\n", 2.0)
-    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.com>\r\n"
-    assert sent_client(acts) == b"", "550 waits behind the MAIL reply"
-    out = sent_client(s.backend_data(b"250 sender ok\r\n", 2.0))
+                         b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\n", 2.0)
+    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\n", "the transaction is the backend's word"
+    acts = s.backend_data(b"250 sender ok\r\n", 2.0)
+    assert sent_backend(acts) == b"RCPT TO:<bob@example.com>\r\n"
+    out = sent_client(acts)
     assert out.startswith(b"250 sender ok\r\n550 5.1.1 <eve@example.com>")
-    assert sent_client(s.backend_data(b"250 rcpt ok\r\n", 2.0)) == b"250 rcpt ok\r\n"
+    out = sent_client(s.backend_data(b"250 rcpt ok\r\n", 2.0))
+    assert out.startswith(b"250 rcpt ok\r\n550 5.1.1 <carol@example.com>"), "replies stay in command order"
 
 
 def test_helo_refused_and_warn_mode_only_logs(tmp_path):
@@ -182,10 +193,17 @@ def test_bdat_chunks_pass_unchanged_when_the_backend_offers_chunking(tmp_path):
     s = started(DEFAULTS["normal"], lists, client=NORMAL)
     s.client_data(b"EHLO x.example\r\n", 1.0)
     s.backend_data(b"250-backend\r\n250-CHUNKING\r\n250 8BITMIME\r\n", 1.0)
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    s.client_data(b"RCPT TO:<bob@example.com>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
     chunk = b"RCPT TO:<eve@example.com>\r\n"
     acts = s.client_data(b"BDAT %d\r\n" % len(chunk) + chunk + b"BDAT 0 LAST\r\nNOOP\r\n", 1.0)
-    assert sent_backend(acts) == b"BDAT %d\r\n" % len(chunk) + chunk + b"BDAT 0 LAST\r\nNOOP\r\n"
+    assert sent_backend(acts) == b"BDAT %d\r\n" % len(chunk) + chunk, "the next BDAT waits for this one's reply"
     assert "rcpt_reject" not in events(acts), "chunk bytes are message data"
+    acts = s.backend_data(b"250 chunk ok\r\n", 1.0)
+    assert sent_backend(acts) == b"BDAT 0 LAST\r\n"
+    assert sent_backend(s.backend_data(b"250 queued\r\n", 1.0)) == b"NOOP\r\n"
 
 
 def test_bdat_to_a_backend_without_chunking_cannot_smuggle_commands(tmp_path):
@@ -195,10 +213,12 @@ def test_bdat_to_a_backend_without_chunking_cannot_smuggle_commands(tmp_path):
     s.backend_data(b"250-backend\r\n250 8BITMIME\r\n", 1.0)
     s.client_data(b"MAIL FROM:<a@b>\r\n", 1.0)
     s.backend_data(b"250 ok\r\n", 1.0)
+    s.client_data(b"RCPT TO:<bob@example.com>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
     chunk = b"RCPT TO:<eve@example.com>\r\n"
-    acts = s.client_data(b"BDAT %d\r\n" % len(chunk) + chunk, 1.0)
-    assert sent_backend(acts) == b"BDAT %d\r\n" % len(chunk), "the RCPT inside never reaches the backend"
-    assert "rcpt_reject" in events(acts)
+    acts = s.client_data(b"BDAT %d\r\n" % len(chunk) + chunk + b"NOOP\r\n", 1.0)
+    assert sent_backend(acts) == b"NOOP\r\n", "neither the BDAT nor its chunk reach the backend"
+    assert sent_client(acts).startswith(b"503 "), "no CHUNKING offered: refused here"
 
 
 def test_bare_lf_dot_does_not_end_the_message():
@@ -218,13 +238,15 @@ def test_replies_owed_after_the_client_half_closes_still_go_out():
     s.backend_data(b"354 go\r\n", 1.0)
     s.client_data(b"x\r\n.\r\nQUIT\r\n", 1.0)
     assert s.client_data(b"", 1.0) == [] and not s.wants_client()
-    acts = s.backend_data(b"250 queued\r\n221 bye\r\n", 1.0)
+    acts = s.backend_data(b"250 queued\r\n", 1.0)
+    assert sent_backend(acts) == b"QUIT\r\n", "the QUIT sent before the half-close goes on"
+    acts += s.backend_data(b"221 bye\r\n", 1.0)
     assert sent_client(acts) == b"250 queued\r\n221 bye\r\n"
-    assert acts[-1] == Close("client_closed")
+    assert closed(acts).reason == "client_closed" and closed(acts).linger > 0
 
 
 def test_backend_gone_before_its_banner_gives_421():
-    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0, backend_needed=True)
+    s = Session(NORMAL, DEFAULTS["normal"], Lists(), None, 0.0, proxy=True)
     s.start()
     acts = s.backend_data(b"", 0.1)
     assert sent_client(acts).startswith(b"421 4.3.0") and "error" in events(acts)
@@ -232,7 +254,7 @@ def test_backend_gone_before_its_banner_gives_421():
 
 def test_ehlo_rebuilt_with_crlf_on_every_line():
     s = started(SUSP)
-    s.client_data(b"EHLO bot\r\n", 1.0)
+    s.client_data(b"EHLO bot.example\r\n", 1.0)
     out = sent_client(s.backend_data(b"250-backend\r\n250-PIPELINING\r\n250-PIPECONNECT\r\n250\r\n", 1.0))
     assert out == b"250-backend\r\n250 \r\n"
 
@@ -255,7 +277,7 @@ def test_error_hard_limit_drops_with_421(tmp_path):
     acts = s.client_data(b"HELO localhost\r\nHELO localhost\r\n", 1.0)
     out = sent_client(acts)
     assert out.count(b"553 ") == 2 and out.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
-    assert acts[-1] == Close("too_many_errors")
+    assert closed(acts).reason == "too_many_errors"
 
 
 def test_error_sleep_after_soft_limit(tmp_path):
@@ -272,9 +294,11 @@ def test_error_sleep_after_soft_limit(tmp_path):
 def test_recipient_limit():
     pol = DEFAULTS["normal"]._replace(recipient_limit=1)
     s = started(pol, client=NORMAL)
-    acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\n", 1.0)
-    assert sent_backend(acts) == b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n"
-    out = sent_client(s.backend_data(b"250 ok\r\n250 ok\r\n", 1.0))
+    acts = s.client_data(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@y.example>\r\nRCPT TO:<z@y.example>\r\n", 1.0)
+    assert sent_backend(acts) == b"MAIL FROM:<a@b.example>\r\n"
+    acts = s.backend_data(b"250 ok\r\n", 1.0)
+    assert sent_backend(acts) == b"RCPT TO:<x@y.example>\r\n"
+    out = sent_client(acts) + sent_client(s.backend_data(b"250 ok\r\n", 1.0))
     assert out == b"250 ok\r\n250 ok\r\n452 4.5.3 Too many recipients\r\n"
 
 
@@ -285,7 +309,9 @@ def test_timeout_and_backend_close():
     assert sent_client(acts).startswith(b"421 4.4.2") and isinstance(acts[-1], Close)
     s = started(DEFAULTS["normal"], client=NORMAL)
     acts = s.backend_data(b"", 2.0)
-    assert acts[-1] == Close("backend_closed")
+    assert closed(acts).reason == "backend_closed"
+    assert sent_client(acts) == b"421 4.3.0 Service not available, closing connection\r\n", \
+        "a backend that dies in mid-session leaves the client a reply"
 
 
 def test_fail_answers_451_and_logs_one_error():
@@ -336,11 +362,11 @@ def test_idle_timeout_does_not_cut_off_a_slow_backend_reply():
 
 def test_drop_actions_for_pregreet_and_tarpit():
     pol = DEFAULTS["normal"]._replace(greet_pause=1.0, pregreet="drop")
-    s = Session(NORMAL, pol, Lists(), None, 0.0)
+    s = Session(NORMAL, pol, Lists(), None, 0.0, proxy=False)
     s.start()
     acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 1.0, b"EHLO x\r\n", 0.1), 1.0)
     assert sent_client(acts) == b"", "drop hangs up without a word"
-    assert acts[-1] == Close("pregreet") and events(acts) == ["pregreet", "end"]
+    assert closed(acts).reason == "pregreet" and events(acts) == ["pregreet", "end"]
 
     s = started(SUSP._replace(tarpit_action="drop"))
     acts = s.client_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", 1.0)

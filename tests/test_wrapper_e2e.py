@@ -171,7 +171,8 @@ def test_client_leaving_during_the_greet_pause_is_logged_and_no_backend_starts(t
 
 
 def test_badheloarg_refuses_listed_and_dotless_arguments(tarpit_server):
-    server = tarpit_server(RULES, control_files={"badheloarg": "localhost.localdomain\nmx.example.com\n"})
+    rules = RULES.replace('"mail.example.com"', '"mail.example.com",TARPIT_ACTION_HELO_NODOT="enforce"')
+    server = tarpit_server(rules, control_files={"badheloarg": "localhost.localdomain\nmx.example.com\n"})
     with smtp_from(server, GOOD) as s:
         assert s.ehlo("localhost.localdomain")[0] == 553
         assert s.helo("MX.example.com")[0] == 553
@@ -238,6 +239,7 @@ def test_backend_killed_mid_session_ends_the_client_connection(tarpit_server):
     [backend] = children_of(pid)
     os.kill(backend, signal.SIGKILL)
     sock.settimeout(5)
+    assert recv_reply(sock).startswith(b"421 4.3.0"), "the client gets a reply, not a silent close"
     assert sock.recv(100) == b""
     server.wait_log(rf"tcpserver: end {pid} ")
     assert server.events("end")[-1]["reason"] == "backend_closed"
@@ -266,6 +268,7 @@ def test_idle_client_is_timed_out_with_421(tarpit_server):
     t = time.monotonic()
     assert recv_reply(sock).startswith(b"421 4.4.2")
     assert time.monotonic() - t < 5
+    server.wait_log("event=end")
     assert server.events("end")[-1]["reason"] == "timeout"
 
 
@@ -334,7 +337,7 @@ def test_connections_per_ip_are_capped_on_both_paths(tarpit_server):
 
 
 def test_bdat_cannot_smuggle_recipients_past_rcptusers(tarpit_server):
-    """tarpit-sink has no CHUNKING: the bytes after BDAT are commands and get checked."""
+    """tarpit-sink has no CHUNKING: BDAT is refused here and its chunk swallowed, never run."""
     server = tarpit_server(RULES, control_files={"rcptusers": "bob\n"})
     sock = server.connect(GOOD)
     recv_reply(sock)
@@ -343,13 +346,15 @@ def test_bdat_cannot_smuggle_recipients_past_rcptusers(tarpit_server):
     sock.sendall(b"MAIL FROM:<a@example.org>\r\n")
     recv_reply(sock)
     inner = b"RCPT TO:<bob@example.com>\r\nRCPT TO:<eve@example.com>\r\n"
-    sock.sendall(b"BDAT %d\r\n" % len(inner) + inner)
+    sock.sendall(b"BDAT %d\r\n" % len(inner) + inner + b"RCPT TO:<eve@example.com>\r\n")
     got = b""
-    while got.count(b"\r\n") < 3:
+    while got.count(b"\r\n") < 2:
         got += sock.recv(4096)
-    assert [ln[:3] for ln in got.split(b"\r\n") if ln] == [b"500", b"250", b"550"], got
+    assert [ln[:3] for ln in got.split(b"\r\n") if ln] == [b"503", b"550"], got
     sock.close()
-    assert [e["rcpt"] for e in server.events("rcpt_reject")] == ["eve@example.com"]
+    server.wait_log("event=end")
+    assert [e["rcpt"] for e in server.events("rcpt_reject")] == ["eve@example.com"], \
+        "the chunk's RCPT lines were data, swallowed; the one after it was checked"
 
 
 def test_pipelined_command_storm_does_not_deadlock(tarpit_server):

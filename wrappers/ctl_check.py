@@ -103,21 +103,36 @@ def describe_list(control: str, name: str) -> tuple[str, bool, int]:
 
 
 def describe_class(cls: str, pol, present: dict[str, bool]) -> str:
-    """One paragraph: what a client of class `cls` gets."""
-    helo = pol.helo_check and present["badheloarg"]
-    rcpt = pol.rcpt_check and present["rcptusers"]
-    proxy = not pol.fast_path(present["badheloarg"], present["rcptusers"])  # the wrapper's own rule
+    """One paragraph: what a client of class `cls` gets, and why it is proxied or exec'd.
+
+    The route comes from libtarpit.checks.proxy_reasons, the function the wrapper's
+    admission uses, so what this prints is what the wrapper does.
+    """
+    from libtarpit.checks import CHECKS, proxy_reasons
+    from libtarpit.config import BUILTIN
+    from libtarpit.session import Lists
+
+    lists = Lists(True if present["badheloarg"] else None, True if present["rcptusers"] else None)
+    why = proxy_reasons(pol, lists, BUILTIN)
     parts = [f"greet pause {pol.greet_pause:g} s"]
     if pol.tarpit > 0 and pol.tarpit_action != "ignore":
         parts.append(f"tarpit {pol.tarpit:g} s at {pol.tarpit_stage.upper()} ({pol.tarpit_action})")
     parts.append(f"greylist {pol.greylist}")
+    helo = pol.helo != "ignore" and present["badheloarg"]
+    rcpt = pol.rcpt != "ignore" and present["rcptusers"]
     parts.append(f"badheloarg {'on (' + pol.helo + ')' if helo else 'off'}")
     parts.append(f"rcptusers {'on (' + pol.rcpt + ')' if rcpt else 'off'}")
-    if proxy:
+    shape = [c.name for c in CHECKS.values() if c.name.startswith("helo_") and getattr(pol, c.key) != "ignore"]
+    if shape:
+        parts.append("HELO rules " + ", ".join(f"{n} ({getattr(pol, CHECKS[n].key)})" for n in shape))
+    if why:
         parts.append(f"idle timeout {pol.idle_timeout:g} s, errors sleep {pol.error_sleep:g} s after "
                      f"{pol.error_soft_limit}, drop at {pol.error_hard_limit}, "
                      f"{pol.recipient_limit} recipients, PIPELINING {'hidden' if pol.hide_pipelining else 'kept'}")
-    path = "proxy (relayed through tarpit-smtpd)" if proxy else "exec fast path (no process of ours stays)"
+        path = "proxy (relayed through tarpit-smtpd) for: " + ", ".join(why)
+    else:
+        path = "exec fast path (no process of ours stays)"
+        parts.append("protocol limits at their defaults do not apply here (the backend's own apply)")
     return f"class {cls:<10} {path}\n    " + "; ".join(parts)
 
 

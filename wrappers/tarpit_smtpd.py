@@ -21,8 +21,6 @@ import sys
 import time
 
 USAGE = "usage: tarpit-smtpd [--control DIR] [--config FILE] PROGRAM [ARGS...]\n"
-TEMPFAIL = b"451 4.3.0 Temporary local problem, please try again later\r\n"
-TOO_MANY = b"421 4.7.0 Too many connections from your address, try again later\r\n"
 CLIENT_IN, CLIENT_OUT = 0, 1
 
 
@@ -72,12 +70,12 @@ class Backend:
         self.sock = ours
         self.status: int | None = None
 
-    def stop(self, at_once: bool = False) -> int:
-        """Close our end, give the backend a moment to exit on EOF, then TERM, then KILL; return its status.
+    def stop(self, linger: float = 0.0) -> int:
+        """Close our end, let the backend exit on its own for up to `linger` s, then TERM, then KILL.
 
-        `at_once` skips the moment: for sessions that ended where no message can be in
-        flight (tarpit loss, timeout, a dropped client), so every process is gone within
-        milliseconds of the client's close.
+        Return its exit status.  `linger` is the session's: 0 where no message can be
+        in flight (tarpit loss, timeout, a dropped client), so every process is gone
+        within milliseconds; longer after QUIT or while it may be queueing a message.
         """
         import _socket
 
@@ -86,8 +84,7 @@ class Backend:
         except OSError:
             pass
         self.sock.close()
-        steps = ((None, 0.05), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0))
-        for sig, wait in steps[1:] if at_once else steps:
+        for sig, wait in ((None, linger), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
             if sig is not None:
                 try:
                     os.kill(self.pid, sig)
@@ -139,17 +136,30 @@ def read_client() -> bytes:
 
 def tempfail(log, what: str, detail: str) -> int:
     """Answer 451, log one error line, exit 111: for failures before a session exists."""
-    log.event("error", what=what, detail=detail)
-    write_client(TEMPFAIL)
-    log.event("end", reason="tempfail")
-    return 111
+    from libtarpit.admission import refuse
+
+    return refused(refuse(what, detail), log)
+
+
+def refused(adm, log) -> int:
+    """Carry out a refusing Admission: its log lines, its reply, the end line; return the status."""
+    for line in adm.logs:
+        log.event(line.event, **dict(line.fields))
+    write_client(adm.reply)
+    reason = "conn_limit" if adm.reply.startswith(b"421") else "tempfail"
+    log.event("end", reason=reason)
+    return 0 if reason == "conn_limit" else 111
 
 
 def setup(opts: dict[str, str], env: dict[str, str], log):
-    """Read configuration, control files and classify: return (session, slot fd or None) or an exit status."""
+    """Admit the client: return (session, slot fd or None), or an exit status after a refusal.
+
+    All the decisions are libtarpit.admission's; this does the I/O they ask for:
+    reading the configuration, the DNS query, the slot lock, opening the store.
+    """
+    from libtarpit import admission
     from libtarpit.config import ConfigError
-    from libtarpit.errors import ControlError
-    from libtarpit.client import classify
+    from libtarpit.controldir import ControlDir
 
     from tarpit_wrappers.settings import read_config
 
@@ -157,68 +167,39 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         cfg, control_dir, _ = read_config(env, opts.get("control"), opts.get("config"))
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         return tempfail(log, "config", str(e))
-    ip = env.get("TCPREMOTEIP", "")
-    host = env.get("TCPREMOTEHOST") or None
-    relay = "RELAYCLIENT" in env
-    # A name from tcpserver is trusted when it ran with -p (TARPIT_TRUST_HOST=1, the default);
-    # with TARPIT_RDNS=1 we confirm the name ourselves when it is missing or not trusted.
-    name_trusted = cfg.trust_host
-    if cfg.rdns and ip and (host is None or not name_trusted) and not relay:
+    rdns = None
+    if admission.wants_rdns(env, cfg):
         from libtarpit.rdns import confirmed_name, parse_server
 
         servers, port = parse_server(cfg.rdns_server) if cfg.rdns_server else (None, 53)
-        host, err = confirmed_name(ip, cfg.rdns_timeout, nameservers=servers, port=port)
-        name_trusted = True
-        if err:
-            log.event("error", what="rdns", detail=err)
-        log.update(host=host or "-")
-    try:
-        verdict = None
-        if not relay or cfg.force_class:
-            # RELAYCLIENT makes the client trusted whatever S25R says: skip the rules and
-            # the allow-list (and a broken allow-list does not lock out our own users)
-            from libtarpit import s25r
-
-            allow = s25r.AllowList.load(os.path.join(control_dir, "s25r-allow"))
-            verdict = s25r.classify(host, ip, allow, extra=cfg.s25r_extra, name_trusted=name_trusted)
-        key = ip
-        client = classify(ip, host, relayclient=relay, verdict=verdict,
-                          force_class=cfg.force_class)
-        policy = cfg.policy(client.cls)
-        from libtarpit.session import Lists
-
-        lists = Lists(
-            load_list(control_dir, "badheloarg") if policy.helo_check else None,
-            load_list(control_dir, "rcptusers") if policy.rcpt_check else None,
-        )
-    except ControlError as e:
-        return tempfail(log, "control", str(e))
-    greylist = None
-    if policy.greylist != "off":
-        from libtarpit import greylist as gl
-
-        params = gl.GreylistParams(mode=policy.greylist, delay=cfg.greylist_delay,
-                                   retry_count=cfg.greylist_retries, auto_whitelist=cfg.greylist_whitelist,
-                                   expire=cfg.greylist_expire, key=cfg.greylist_key,
-                                   timeout=cfg.greylist_timeout, ipv4_prefix=cfg.greylist_ipv4_prefix,
-                                   ipv6_prefix=cfg.greylist_ipv6_prefix,
-                                   greylist_normal=client.cls != "suspicious" and policy.greylist == "greylist")
-        key = gl.client_key(ip, host if name_trusted else None, params)
-        greylist = gl.Greylist(gl.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout), params)
-    from libtarpit.session import Session
-
-    client = client._replace(key=key)
+        rdns = confirmed_name(env["TCPREMOTEIP"], cfg.rdns_timeout, nameservers=servers, port=port)
+        log.update(host=rdns[0] or "-")
+    adm = admission.admit(env, cfg, ControlDir(control_dir, cfg.state_dir), now(), rdns)
+    if adm.route == "refuse":
+        return refused(adm, log)
+    client = adm.client
     log.update(**{"class": client.cls, "rule": "-" if client.rule is None else client.rule})
     slot = None
-    if policy.max_per_ip > 0 and ip:
-        slot = take_slot(cfg.state_dir, ip, policy.max_per_ip, log)
+    if adm.limit > 0:
+        slot = take_slot(cfg.state_dir, client.ip, adm.limit, log)
         if slot is False:
-            log.event("connect")
-            log.event("conn_limit", limit=policy.max_per_ip)
-            write_client(TOO_MANY)
-            log.event("end", reason="conn_limit")
-            return 0
-    return Session(client, policy, lists, greylist, now()), slot
+            return refused(admission.over_limit(adm), log)
+    for line in adm.logs:
+        log.event(line.event, **dict(line.fields))
+    greylist = None
+    if adm.greylist is not None:
+        from libtarpit import greylist as gl
+
+        greylist = gl.Greylist(gl.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout), adm.greylist)
+    from libtarpit.session import Session
+
+    tls = None
+    if cfg.tls_cert and adm.route == "proxy":
+        tls = (cfg.tls_cert, cfg.tls_key or None)
+    session = Session(client, adm.policy, adm.lists, greylist, now(), proxy=adm.route == "proxy",
+                      tls=tls is not None)
+    session.tls_files = tls
+    return session, slot
 
 
 def take_slot(state_dir: str, ip: str, limit: int, log) -> int | None | bool:
@@ -233,20 +214,8 @@ def take_slot(state_dir: str, ip: str, limit: int, log) -> int | None | bool:
     return False if fd is None else fd
 
 
-def load_list(directory: str, name: str):
-    """The control list `name`, or None when absent (ControlError when unreadable)."""
-    path = os.path.join(directory, name)
-    if not (os.path.lexists(path) or os.path.lexists(path + ".cdb")):
-        return None  # the common case: skip importing control (and cdblib) at all
-    from libtarpit import control
-
-    return control.ControlList.load(directory, name)
-
-
 BUFFER_LIMIT = 256 * 1024  # bytes owed to one side before we stop reading the other
 CLOSE_FLUSH = 5.0          # seconds we keep trying to deliver the last replies at close
-# session ends after which no message can be half-way through the backend
-NOTHING_IN_FLIGHT = frozenset({"tarpit_lost", "greet_lost", "pregreet", "timeout", "too_many_errors", "policy"})
 
 
 class Outbox:
@@ -296,31 +265,130 @@ def client_outbox() -> Outbox:
     return Outbox(lambda buf: sock.send(buf, _socket.MSG_DONTWAIT))
 
 
+class Client:
+    """The client side: raw fds, and the TLS layer once STARTTLS was terminated here."""
+
+    def __init__(self):
+        self.out = client_outbox()
+        self.tls = None
+
+    def send(self, data: bytes) -> None:
+        """Queue `data` for the client (encrypted when TLS is on)."""
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self.tls.outgoing()
+        self.out.buf += data
+
+    def receive(self) -> bytes | None:
+        """One read: plaintext, b"" on EOF, None when TLS needs more bytes first."""
+        raw = read_client()
+        if self.tls is None:
+            return raw
+        from libtarpit.tls import TLSFailed
+
+        try:
+            self.tls.feed(raw)
+            plain = self.tls.read()
+        except TLSFailed:
+            return b""
+        self.out.buf += self.tls.outgoing()
+        if plain:
+            return plain
+        return b"" if (self.tls.eof or not raw) else None
+
+    def handshake(self, files, timeout: float) -> tuple[bool, str]:
+        """Run the TLS server handshake (blocking, bounded by `timeout`); return (ok, detail)."""
+        from libtarpit.errors import ControlError
+        from libtarpit.tls import ServerTLS, TLSFailed, load_context
+
+        try:
+            tls = ServerTLS(load_context(*files))
+        except ControlError as e:
+            return False, f"certificate: {e}"
+        end = now() + timeout
+        try:
+            while not tls.handshake():
+                self.out.buf += tls.outgoing()
+                if not self._drain(end):
+                    return False, "client gone"
+                ready, _, _ = select.select([CLIENT_IN], [], [], max(0.0, end - now()))
+                if not ready:
+                    return False, "handshake timeout"
+                raw = read_client()
+                if not raw:
+                    return False, "client closed during handshake"
+                tls.feed(raw)
+        except TLSFailed as e:
+            self.out.buf += tls.outgoing()
+            self._drain(end)
+            return False, e.reason
+        self.out.buf += tls.outgoing()
+        self.tls = tls
+        version, cipher = tls.info()
+        return True, f"{version} {cipher}"
+
+    def _drain(self, end: float) -> bool:
+        while self.out.buf:
+            if not self.out.flush():
+                return False
+            if self.out.buf:
+                select.select([], [CLIENT_OUT], [], max(0.0, end - now()))
+                if now() >= end:
+                    return False
+        return True
+
+    def decrypt_early(self, result):
+        """The SleepResult with its early bytes (TLS records) decrypted; a close_notify is no command."""
+        from libtarpit.tls import TLSFailed
+
+        try:
+            self.tls.feed(result.early)
+            plain = self.tls.read()
+        except TLSFailed:
+            plain = b""
+        self.out.buf += self.tls.outgoing()
+        return result._replace(early=plain)
+
+    def pending_plain(self) -> bytes:
+        """Plaintext TLS already decrypted and buffered (read at once after the handshake)."""
+        if self.tls is None:
+            return b""
+        from libtarpit.tls import TLSFailed
+
+        try:
+            return self.tls.read()
+        except TLSFailed:
+            return b""
+
+
 def run(session, program: list[str], log, slot: int | None = None) -> int:
     """Carry out the session's actions until it closes; return the exit status."""
-    from libtarpit import session as S
+    from libtarpit import actions as A
 
     backend: Backend | None = None
-    to_client = to_backend = None
+    client: Client | None = None
+    to_backend = None
     todo = list(session.start())
     while True:
         while todo:
             a = todo.pop(0)
-            if isinstance(a, S.Log):
+            if isinstance(a, A.Log):
                 log.event(a.event, **dict(a.fields))
-            elif isinstance(a, S.SendClient):
-                to_client = to_client or client_outbox()
-                to_client.buf += a.data
-            elif isinstance(a, S.SendBackend) and to_backend is not None:
+            elif isinstance(a, A.SendClient):
+                client = client or Client()
+                client.send(a.data)
+            elif isinstance(a, A.SendBackend) and to_backend is not None:
                 to_backend.buf += a.data
-            elif isinstance(a, S.Sleep):
-                if to_client is not None:
-                    to_client.flush()  # replies owed before the held command go out first
+            elif isinstance(a, A.Sleep):
+                if client is not None:
+                    client.out.flush()  # replies owed before the held command go out first
                 from libtarpit.sleep import sleep
 
                 result = sleep(CLIENT_IN, a.seconds)
+                if client is not None and client.tls is not None and result.early:
+                    result = client.decrypt_early(result)  # what the client sent in TLS, as plaintext
                 todo[:0] = session.sleep_done(result, now())
-            elif isinstance(a, S.StartBackend):
+            elif isinstance(a, A.StartBackend):
                 try:
                     backend = Backend(program)
                 except OSError as e:
@@ -328,7 +396,17 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                     continue
                 backend.sock.setblocking(False)
                 to_backend = Outbox(backend.sock.send)
-            elif isinstance(a, S.Exec):
+            elif isinstance(a, A.StartTLS):
+                client = client or Client()
+                ok, detail = client.handshake(session.tls_files, session.policy.idle_timeout or 60.0)
+                todo[:0] = session.tls_done(ok, detail, now())
+                more = client.pending_plain() if ok else b""
+                if more:
+                    todo += session.client_data(more, now())
+            elif isinstance(a, A.Passthrough):
+                client = client or Client()
+                todo[:0] = passthrough(session, client, backend, to_backend)
+            elif isinstance(a, A.Exec):
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 if slot is not None:  # the backend keeps the connection slot (its lock survives exec)
                     os.set_inheritable(slot, True)
@@ -336,57 +414,96 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                     os.execvp(program[0], program)
                 except OSError as e:
                     return tempfail(log, "exec", f"{program[0]}: {e.strerror or e}")
-            elif isinstance(a, S.Close):
-                return close(a, to_client, backend, log)
-        if to_client is not None and not to_client.flush():
+            elif isinstance(a, A.Close):
+                return close(a, client, backend, log)
+        if client is not None and not client.out.flush():
             todo = session.client_gone(now())
         elif to_backend is not None and not to_backend.flush():
             todo = session.backend_data(b"", now())
         else:
-            todo = wait(session, backend, to_client, to_backend)
+            todo = wait(session, backend, client, to_backend)
 
 
-def close(action, to_client: Outbox | None, backend: Backend | None, log) -> int:
-    """Deliver the last replies (for a bounded time), stop the backend; return the exit status."""
+def passthrough(session, client: Client, backend: Backend, to_backend: Outbox) -> list:
+    """Copy bytes both ways unread (TLS we do not terminate) until a side closes; return the session's actions."""
+    out = client.out
+    bfd = backend.sock.fileno()
+    while True:
+        if not out.flush():
+            return session.client_gone(now())
+        if not to_backend.flush():
+            return session.backend_data(b"", now())
+        readable = ([CLIENT_IN] if not to_backend.full else []) + ([bfd] if not out.full else [])
+        writable = ([CLIENT_OUT] if out.buf else []) + ([bfd] if to_backend.buf else [])
+        ready, _, _ = select.select(readable, writable, [])
+        if bfd in ready:
+            try:
+                data = backend.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                return session.backend_data(b"", now())
+            if data:
+                out.buf += data
+        if CLIENT_IN in ready:
+            data = read_client()
+            if not data:
+                return session.client_data(b"", now())
+            to_backend.buf += data
+
+
+def close(action, client: Client | None, backend: Backend | None, log) -> int:
+    """Deliver the last replies (bounded), let the backend exit, write the end line; return the status."""
     end = now() + CLOSE_FLUSH
-    while to_client is not None and to_client.buf and to_client.flush() and now() < end:
+    out = client.out if client is not None else None
+    while out is not None and out.buf and out.flush() and now() < end:
         select.select([], [CLIENT_OUT], [], max(0.0, end - now()))
     if backend is not None:
-        status = backend.stop(at_once=action.reason in NOTHING_IN_FLIGHT)
-        if action.reason == "backend_closed" and status:
+        status = backend.stop(action.linger)
+        if status and action.reason not in ("tarpit_lost", "greet_lost", "pregreet", "timeout", "session_limit",
+                                            "slow_data", "too_many_errors", "policy", "error"):
             log.event("error", what="backend", detail=f"exited with status {status}")
+    log.event("end", **dict(action.fields))
     return action.status
 
 
-def wait(session, backend: Backend | None, to_client: Outbox | None, to_backend: Outbox | None) -> list:
+def wait(session, backend: Backend | None, client: Client | None, to_backend: Outbox | None) -> list:
     """Block until a side has bytes for us or room for ours, or a deadline; return the session's actions."""
     bfd = backend.sock.fileno() if backend is not None else None
+    out = client.out if client is not None else None
     readable = []
     if session.wants_client() and not (to_backend is not None and to_backend.full):
         readable.append(CLIENT_IN)
-    if bfd is not None and not (to_client is not None and to_client.full):
+    if bfd is not None and not (out is not None and out.full):
         readable.append(bfd)
-    writable = ([CLIENT_OUT] if to_client is not None and to_client.buf else []) \
+    writable = ([CLIENT_OUT] if out is not None and out.buf else []) \
         + ([bfd] if to_backend is not None and to_backend.buf else [])
     deadline = session.deadline()
-    if to_client is not None and to_client.buf:  # a client that does not read is idle too
-        stall = to_client.stalled_since + session.policy.idle_timeout
+    if out is not None and out.buf:  # a client that does not read is idle too
+        stall = out.stalled_since + session.policy.idle_timeout
         deadline = stall if deadline is None else min(deadline, stall)
     timeout = None if deadline is None else max(0.0, deadline - now())
     ready, room, _ = select.select(readable, writable, [], timeout)
     if not ready and not room:
         return session.timeout(now())
-    out: list = []
+    acts: list = []
     if bfd is not None and bfd in ready:
         try:
-            out += session.backend_data(backend.sock.recv(65536), now())
+            acts += session.backend_data(backend.sock.recv(65536), now())
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
-            out += session.backend_data(b"", now())
+            acts += session.backend_data(b"", now())
     if CLIENT_IN in ready and session.phase != "closed":
-        out += session.client_data(read_client(), now())
-    return out
+        if client is None:
+            data = read_client()
+        else:
+            data = client.receive()
+        if data is not None:
+            acts += session.client_data(data, now())
+    return acts
 
 
 def main(argv: list[str] | None = None) -> int:
