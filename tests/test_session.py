@@ -385,3 +385,232 @@ def test_a_delivered_message_resets_the_error_counter(tmp_path):
     s.client_data(b"x\r\n.\r\n", 1.0)
     s.backend_data(b"250 queued\r\n", 1.0)
     assert s.errors == 0
+
+
+# --- the transaction follows the backend (issue 10) -------------------------------------
+
+
+def opened(policy=SUSP, lists=Lists(), client=SUSPICIOUS) -> Session:
+    """A session past EHLO and a MAIL the backend accepted."""
+    s = started(policy, lists, client)
+    s.client_data(b"EHLO client.example\r\n", 1.0)
+    s.backend_data(b"250-backend\r\n250 8BITMIME\r\n", 1.0)
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    return s
+
+
+@pytest.mark.parametrize("line", [b"RSET x\r\n", b"RSET \xff\r\n", b"DATA now\r\n", b"QUIT please\r\n"])
+def test_argumentless_commands_with_an_argument_are_refused_here(line):
+    s = opened(SUSP._replace(tarpit=0.0))
+    acts = s.client_data(line, 2.0)
+    assert sent_client(acts).startswith(b"501 ") and sent_backend(acts) == b""
+    acts = s.client_data(b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    assert sent_backend(acts) == b"RCPT TO:<bob@example.com>\r\n", "the transaction is still the backend's"
+
+
+@pytest.mark.parametrize("arg", [b"TO:<nosuchuser@example.org", b"<nosuchuser@example.org>",
+                                 b"TO:alice@example.org <nosuchuser@example.org>", b"TO:<a@b>\x00<c@d>"])
+def test_rcpt_spellings_backends_read_differently_never_reach_the_backend(arg, tmp_path):
+    s = opened(SUSP._replace(tarpit=0.0), make_lists(tmp_path, rcptusers="alice\n"))
+    acts = s.client_data(b"RCPT " + arg + b"\r\n", 2.0)
+    assert sent_backend(acts) == b"" and sent_client(acts).startswith(b"501 ")
+
+
+def test_a_nested_mail_the_backend_refuses_keeps_the_recipient_count():
+    s = opened(SUSP._replace(tarpit=0.0, recipient_limit=2))
+    for rcpt in (b"a", b"b"):
+        s.client_data(b"RCPT TO:<" + rcpt + b"@example.com>\r\n", 2.0)
+        s.backend_data(b"250 ok\r\n", 2.0)
+    s.client_data(b"MAIL FROM:<c@d.example>\r\n", 2.0)
+    s.backend_data(b"503 nested MAIL command\r\n", 2.0)
+    acts = s.client_data(b"RCPT TO:<c@example.com>\r\n", 2.0)
+    assert sent_client(acts) == b"452 4.5.3 Too many recipients\r\n" and sent_backend(acts) == b""
+
+
+def test_rcpt_without_a_confirmed_transaction_is_refused_here():
+    s = started(SUSP._replace(tarpit=0.0))
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 1.0)
+    s.backend_data(b"503 send HELO first\r\n", 1.0)
+    acts = s.client_data(b"RCPT TO:<bob@example.com>\r\n", 1.0)
+    assert sent_client(acts).startswith(b"503 5.5.1") and sent_backend(acts) == b""
+
+
+def test_the_tarpit_runs_once_per_connection():
+    s = opened()
+    s.client_data(b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    s.sleep_done(SleepResult(Outcome.ELAPSED, 65.0), 67.0)
+    s.backend_data(b"250 ok\r\n", 67.0)
+    s.client_data(b"RSET\r\n", 67.0)
+    s.backend_data(b"250 reset\r\n", 67.0)
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 67.0)
+    s.backend_data(b"250 ok\r\n", 67.0)
+    acts = s.client_data(b"RCPT TO:<carol@example.com>\r\n", 68.0)
+    assert not [a for a in acts if isinstance(a, Sleep)], "no second tarpit"
+    assert sent_backend(acts) == b"RCPT TO:<carol@example.com>\r\n"
+
+
+def test_taRgrey_with_no_tarpit_passes_and_says_so():
+    class Tarpit:
+        calls = []
+
+        def check(self, *a, **k):
+            from libtarpit.greylist import Decision
+            return Decision("tarpit", "first_contact")
+
+        def __getattr__(self, name):
+            return lambda *a: self.calls.append(name)
+
+    gl = Tarpit()
+    s = opened(DEFAULTS["suspicious"]._replace(tarpit=0.0), client=SUSPICIOUS)
+    s.greylist = gl
+    acts = s.client_data(b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    assert [dict(a.fields) for a in acts if isinstance(a, Log)] == [{"reason": "no_tarpit"}]
+    assert sent_backend(acts) == b"RCPT TO:<bob@example.com>\r\n" and gl.calls == []
+
+
+# --- STARTTLS and AUTH (issue 11) ---------------------------------------------------------
+
+
+def test_starttls_terminated_here_drops_injected_plaintext():
+    from libtarpit.session import StartTLS
+
+    s = Session(SUSPICIOUS, SUSP, Lists(), None, 0.0, proxy=True, tls=True)
+    s.start()
+    s.backend_data(BANNER, 0.0)
+    s.client_data(b"EHLO client.example\r\n", 1.0)
+    ehlo = sent_client(s.backend_data(b"250-backend\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 1.0))
+    assert ehlo == b"250-backend\r\n250-8BITMIME\r\n250 STARTTLS\r\n", "our STARTTLS, not the backend's"
+    acts = s.client_data(b"STARTTLS\r\nRSET\r\n", 1.0)
+    assert sent_client(acts) == b"220 2.0.0 Ready to start TLS\r\n" and sent_backend(acts) == b""
+    assert isinstance(acts[-1], StartTLS) and "tls_injection" in events(acts)
+    acts = s.tls_done(True, "TLSv1.3", 1.5)
+    assert events(acts) == ["tls"] and sent_backend(acts) == b"", "the RSET never runs"
+    acts = s.client_data(b"EHLO client.example\r\n", 2.0)
+    assert sent_backend(acts) == b"EHLO client.example\r\n"
+    ehlo = sent_client(s.backend_data(b"250-backend\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 2.0))
+    assert b"STARTTLS" not in ehlo
+    assert closed(s.client_data(b"", 3.0)).fields[-1] == ("tls", 1)
+
+
+def test_starttls_passed_through_after_the_tarpit_then_bytes_only():
+    from libtarpit.session import Passthrough
+
+    s = started(SUSP)
+    acts = s.client_data(b"STARTTLS\r\n", 1.0)
+    assert [a for a in acts if isinstance(a, Sleep)] == [Sleep(65.0, "tls")], "bots meet the tarpit first"
+    acts = s.sleep_done(SleepResult(Outcome.ELAPSED, 65.0), 66.0)
+    assert sent_backend(acts) == b"STARTTLS\r\n"
+    acts = s.backend_data(b"220 go ahead\r\n", 66.0)
+    assert isinstance(acts[-1], Passthrough) and "tls_passthrough" in events(acts)
+    assert s.deadline() is None and not s.wants_client()
+
+
+def test_auth_is_opaque_and_235_skips_the_tarpit_and_rcptusers(tmp_path):
+    s = opened(lists=make_lists(tmp_path, rcptusers="bob\n"))
+    secret = b"AGFsaWNlAHMzY3JldA=="
+    s.client_data(b"RSET\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    acts = s.client_data(b"AUTH PLAIN\r\n" + secret + b"\r\n", 1.0)
+    assert sent_backend(acts) == b"AUTH PLAIN\r\n", "the answer waits for the challenge"
+    acts = s.backend_data(b"334 \r\n", 1.0)
+    assert sent_backend(acts) == secret + b"\r\n"
+    acts = s.backend_data(b"235 2.7.0 ok\r\n", 1.0)
+    assert [dict(a.fields) for a in acts if isinstance(a, Log)] == [{"mech": "PLAIN", "result": "ok"}]
+    s.client_data(b"MAIL FROM:<alice@example.com>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    acts = s.client_data(b"RCPT TO:<carol@remote.example>\r\n", 1.0)
+    assert sent_backend(acts) == b"RCPT TO:<carol@remote.example>\r\n"
+    assert not [a for a in acts if isinstance(a, Sleep)]
+    every = repr([a for a in acts if isinstance(a, Log)])
+    assert "s3cret" not in every and secret.decode() not in every
+
+
+def test_failed_auth_counts_as_an_error_up_to_the_hard_limit():
+    s = started(SUSP._replace(error_hard_limit=2, error_sleep=0))
+    for _ in range(2):
+        s.client_data(b"AUTH PLAIN Zm9v\r\n", 1.0)
+        acts = s.backend_data(b"535 5.7.8 no\r\n", 1.0)
+    assert sent_client(acts).endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
+
+
+# --- limits against trickle ---------------------------------------------------------------
+
+
+def test_session_limit_and_minimum_data_rate():
+    s = started(SUSP._replace(session_limit=600.0))
+    assert s.deadline() <= 1000.0 + 600
+    assert closed(s.timeout(1600.0)).reason == "session_limit"
+    s = opened(SUSP._replace(tarpit=0.0, min_data_rate=100))
+    s.client_data(b"RCPT TO:<bob@example.com>\r\n", 2.0)
+    s.backend_data(b"250 ok\r\n", 2.0)
+    s.client_data(b"DATA\r\n", 2.0)
+    s.backend_data(b"354 go\r\n", 2.0)
+    for t in range(4, 40, 2):
+        acts = s.client_data(b"x", float(t))
+        if s.phase == "closed":
+            break
+    assert t >= 32, "not before the grace period"
+    assert closed(acts).reason == "slow_data" and sent_client(acts).startswith(b"421 ")
+
+
+# --- every command gets exactly one reply, in order, and the session ends -----------------
+
+
+def model_backend(s: Session, acts, now: float) -> list:
+    """Answer what the session sent the way a simple SMTP server would, until it is quiet."""
+    out, pending = [], list(acts)
+    body = False
+    buf = b""
+    while pending:
+        data = sent_backend(pending)
+        out += pending
+        pending = []
+        buf += data
+        replies = b""
+        while True:
+            if body:
+                end = buf.find(b"\r\n.\r\n")
+                if end < 0:
+                    break
+                buf, body = buf[end + 5:], False
+                replies += b"250 queued\r\n"
+                continue
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl + 1], buf[nl + 1:]
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                replies += b"354 go\r\n"
+                body = True
+            elif verb == b"QUIT":
+                replies += b"221 bye\r\n"
+            else:
+                replies += b"250 ok\r\n"
+        if replies and s.phase != "closed":
+            pending = s.backend_data(replies, now)
+    return out
+
+
+COMMANDS = st.sampled_from([b"EHLO a.example", b"HELO b.example", b"MAIL FROM:<x@y.example>",
+                            b"RCPT TO:<bob@example.com>", b"RCPT TO:<eve@example.com>", b"RSET", b"NOOP",
+                            b"RSET x", b"RCPT <eve@example.com>", b"MAIL FROM:x", b"VRFY bob", b"\x00\xff",
+                            b"BDAT 0 LAST", b"STARTTLS x", b"AUTH", b""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(COMMANDS, min_size=1, max_size=15), st.integers(1, 40))
+def test_every_command_gets_exactly_one_reply_in_order_and_the_session_ends(commands, cut):
+    pol = DEFAULTS["normal"]._replace(error_sleep=0, error_hard_limit=1000)
+    s = started(pol, client=NORMAL)
+    stream = b"".join(c + b"\r\n" for c in commands)
+    acts = []
+    for i in range(0, len(stream), cut):
+        acts += model_backend(s, s.client_data(stream[i:i + cut], 2.0), 2.0)
+    acts += model_backend(s, s.client_data(b"QUIT\r\n", 3.0), 3.0)
+    acts += model_backend(s, s.backend_data(b"", 4.0), 4.0)
+    replies = [ln for ln in sent_client(acts).split(b"\r\n") if ln[3:4] in (b" ", b"")and ln]
+    assert len(replies) == len(commands) + 1, (commands, replies)
+    assert replies[-1].startswith(b"221"), "the QUIT's reply comes last: replies keep command order"
+    assert s.phase == "closed"
