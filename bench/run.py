@@ -11,7 +11,7 @@ tests/conftest.py does:
   1. latency  connect -> 220 banner, sequential, interleaved across (a) the
               backend alone, (b) the exec fast path (trusted client) and (c) the
               proxy path (normal client, badheloarg present, TARPIT=0).
-              Target: (b) and (c) at most +25 ms over (a) at the median.
+              Targets (issue 9): (b) at most +15 ms, (c) at most +22 ms over (a) at the median.
   2. memory   K suspicious clients held in a TARPIT=600 tarpit: PSS of the
               wrappers and of their backends per held connection, against the
               backend alone holding K idle connections.  Target: wrapper <= 5 MB.
@@ -63,7 +63,7 @@ RULES = (
     f'{SUSPICIOUS_GREY}:allow,TCPREMOTEHOST="{DYNAMIC}",TARPIT="600"\n'  # default taRgrey, SQLite store
     ":allow\n"
 )
-LATENCY_TARGET_MS = 25.0
+LATENCY_TARGET_MS = {"fast": 15.0, "proxy": 22.0}  # issue 9: median over the backend alone
 MEMORY_TARGET_MB = 5.0
 EXIT_TARGET_MS = 10.0
 SERVERS: list["Server"] = []
@@ -385,6 +385,7 @@ class LatencyCase:
     src: str
     server: Server
     times: list[float] = field(default_factory=list)
+    path: str = ""  # "fast" or "proxy": which LATENCY_TARGET_MS applies
 
 
 def banner_once(case: LatencyCase) -> float:
@@ -428,10 +429,10 @@ def print_latency(cases: list[LatencyCase], base: LatencyCase, target: bool = Tr
         line = f"{c.label:44} {med:8.2f} {p99:8.2f} {mx:8.2f}"
         if c is not base:
             line += f"   {med - b_med:+11.2f} ms {p99 - b_p99:+9.2f} ms  x{med / b_med:.1f}"
-            if target:
-                ok = med - b_med <= LATENCY_TARGET_MS
+            if target and c.path:
+                ok = med - b_med <= LATENCY_TARGET_MS[c.path]
                 results.append(ok)
-                line += f"  {verdict(ok)} (median +{LATENCY_TARGET_MS:g} ms max)"
+                line += f"  {verdict(ok)} (median +{LATENCY_TARGET_MS[c.path]:g} ms max)"
         print(line)
     print(f"{'':44} (ms; n={len(base.times)} each; p99 is nearest rank)")
     return results
@@ -443,9 +444,9 @@ def bench_latency(tools: Tools, env: dict[str, str], rules: Path, backend: str, 
     cases = [
         LatencyCase("(a) backend alone", NORMAL, new_server(tools, f"lat-{backend}-a", cmd, env, rules)),
         LatencyCase("(b) fast path: trusted client, exec", TRUSTED,
-                    new_server(tools, f"lat-{backend}-b", [*tools.wrapper, *cmd], env, rules)),
+                    new_server(tools, f"lat-{backend}-b", [*tools.wrapper, *cmd], env, rules), path="fast"),
         LatencyCase("(c) proxy path: normal client, badheloarg", NORMAL,
-                    new_server(tools, f"lat-{backend}-c", [*tools.wrapper, *cmd], env, rules)),
+                    new_server(tools, f"lat-{backend}-c", [*tools.wrapper, *cmd], env, rules), path="proxy"),
     ]
     run_latency(cases, n)
     check_paths(cases[1].server, cases[2].server)
@@ -737,6 +738,8 @@ def probe(python: str, n: int, env: dict[str, str], *flags: str) -> dict[str, fl
 PROBE_ENV = {
     "fast": {"TCPREMOTEIP": TRUSTED, "TCPREMOTEHOST": "mail.example.com", "RELAYCLIENT": ""},
     "proxy": {"TCPREMOTEIP": NORMAL, "TCPREMOTEHOST": "mail.example.com", "TARPIT": "0"},
+    # suspicious, default taRgrey + SQLite: up to spawning the backend (greylist store open)
+    "tarpit": {"TCPREMOTEIP": SUSPICIOUS_GREY, "TCPREMOTEHOST": DYNAMIC, "TARPIT": "600"},
 }
 
 
@@ -763,7 +766,7 @@ def print_startup(installs: list[Install], n: int, env: dict[str, str]) -> None:
     for label, *args in (("python -c pass", "-c", "pass"), ("python -S -c pass (no site, no .pth)", "-S", "-c", "pass")):
         cells = " ".join(f"{startup_ms([i.python, *args], n, env):9.2f}" for i in installs)
         print(f"{label:50} {cells}")
-    for path in ("fast", "proxy"):
+    for path in ("fast", "proxy", "tarpit"):
         print_probe(installs, n, env, path)
     print("(a stdlib step reads ~0 where a site .pth imported that module already;"
           " nan: the step does not occur there)")

@@ -1,11 +1,12 @@
 """Where the wrapper's start-up time goes: run by bench/run.py under a given Python.
 
-    python bench/startup_probe.py fast|proxy [--memory]
-    python bench/startup_probe.py fast|proxy --list
+    python bench/startup_probe.py fast|proxy|tarpit [--memory]
+    python bench/startup_probe.py fast|proxy|tarpit --list
 
 The environment must look like tcpserver's for the client wanted: `fast` is a
 trusted client (RELAYCLIENT set), `proxy` a normal one with a badheloarg list
-in TARPIT_CONTROL.  The probe runs tarpit_wrappers.tarpit_smtpd.main() up to
+in TARPIT_CONTROL, `tarpit` a suspicious one with the default taRgrey and a
+SQLite TARPIT_GREYLIST_URL (run up to the backend's spawn, the store opened).  The probe runs tarpit_wrappers.tarpit_smtpd.main() up to
 the moment it would exec the backend (fast) or spawn it (proxy), with that
 one call replaced.
 
@@ -22,9 +23,11 @@ os._exit, so interpreter shutdown is not part of anything measured.
 """
 
 import os
-import subprocess
 import sys
 import time
+
+# Nothing else is imported here: a module this script imported itself (subprocess pulls in
+# signal, re, enum, selectors, ...) would be missing from the wrapper's list and read 0 ms.
 
 # stdlib groups worth naming, keyed by the module that pulls the rest in
 STDLIB = [
@@ -38,6 +41,7 @@ STDLIB = [
     ("ipaddress", "stdlib ipaddress"),
     ("tomllib", "stdlib tomllib"),
     ("sqlite3", "stdlib sqlite3"),
+    ("datetime", "stdlib datetime"),
 ]
 OURS = ("libtarpit", "tarpit_wrappers", "cdblib")
 
@@ -83,11 +87,20 @@ def uss() -> float:
 
 def steps(path: str) -> list[tuple[str, str]]:
     """(label, module) for every step, from a child run's --list."""
-    out = subprocess.run([sys.executable, __file__, path, "--list"], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.stderr.write(out.stderr)
+    r, w = os.pipe()
+    pid = os.fork()  # not subprocess: see the imports above
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        os.execv(sys.executable, [sys.executable, __file__, path, "--list"])
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
         os._exit(1)
-    needed = out.stdout.split()
+    needed = b"".join(chunks).decode().split()
     todo = [(label, mod) for mod, label in STDLIB if mod in needed]
     todo += [(mod, mod) for mod in needed if mod.split(".")[0] in OURS]
     return todo
