@@ -83,7 +83,8 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
     # real clients send bare names (Outlook's NetBIOS name, swaks' host name), and turned on
     # for normal clients it routes every one of them through the proxy (`tarpitctl check` says so)
     Check("helo_nodot", "helo_nodot", "helo_reject", ("ignore", "ignore", "ignore"), _always),
-    # an address literal that is not the client's own address (seed 003: bots greet with ours)
+    # a public address literal that is not the client's own (seed 003: bots greet with ours);
+    # private and loopback literals pass: a client behind NAT can only name those
     Check("helo_literal", "helo_literal", "helo_reject", ("ignore", "enforce", "ignore"), _always),
     Check("rcpt", "rcpt", "rcpt_reject", ("ignore", "enforce", "enforce"), _has("rcptusers")),
     Check("tarpit", "tarpit_action", "tarpit_start", ("enforce", "enforce", "enforce"),
@@ -182,11 +183,17 @@ def _helo_literal(name: str, client_ip: str, lists: Any) -> str | None:
     inner = name[1:-1]
     inner = inner[5:] if inner[:5].lower() == "ipv6:" else inner
     try:
-        own = ipaddress.ip_address(client_ip)
-        own = own.ipv4_mapped or own if own.version == 6 else own
-        return None if ipaddress.ip_address(inner) == own else "literal"
+        said = ipaddress.ip_address(inner)
     except ValueError:
         return "literal"
+    if not said.is_global:
+        return None  # a client behind NAT names its private address (Thunderbird does): no lie
+    try:
+        own = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return "literal"
+    own = (own.ipv4_mapped or own) if own.version == 6 else own
+    return None if said == own else "literal"
 
 
 _HELO_RULES = (("helo", _helo_listed), ("helo_nodot", _helo_nodot), ("helo_literal", _helo_literal))
@@ -197,7 +204,7 @@ def helo(arg: str, client_ip: str, lists: Any, policy: Any) -> Verdict | None:
 
     Checks whose action is "ignore" are skipped.  Reasons: "listed" (in badheloarg,
     case-insensitive, with or without one trailing dot), "empty", "nodot" (no dot,
-    not an address literal), "literal" (an address literal other than `client_ip`).
+    not an address literal), "literal" (a public address literal other than `client_ip`).
     Never raises.
     """
     name = arg.strip()

@@ -46,10 +46,7 @@ class ControlDir:
             else:
                 from . import control
 
-                try:
-                    self._lists[name] = control.ControlList.load(self.directory, name, cache_dir=self.cache_dir)
-                except TypeError:  # a ControlList without the cache keyword
-                    self._lists[name] = control.ControlList.load(self.directory, name)
+                self._lists[name] = control.ControlList.load(self.directory, name, cache_dir=self.cache_dir)
         return self._lists[name]
 
     def allow(self):

@@ -88,21 +88,22 @@ class Relay:
 
     # --- backend side -------------------------------------------------------
 
-    def replies(self, data: bytes) -> list[tuple[Pending, smtp.Reply]]:
-        """Feed backend bytes; return each complete reply with the command it answers.
+    def replies(self, data: bytes):
+        """Feed backend bytes; yield each complete reply with the command it answers.
 
+        A generator on purpose: the caller must send the local replies now at the
+        head of the queue (`ready`) before the next backend reply is matched, or a
+        local reply queued between two forwarded commands would be skipped over.
         A reply nobody asked for (a backend that talks out of turn) is paired
         with Pending("other") and changes nothing.
         """
-        out = []
         for r in self._parser.feed(data):
             if self.queue and self.queue[0].local is None:
                 p = self.queue.popleft()
                 self._owed[p.kind] -= 1
-                out.append((p, r))
+                yield p, r
             else:
-                out.append((Pending("other"), r))
-        return out
+                yield Pending("other"), r
 
     def backend_tail(self) -> bytes:
         """Bytes of a reply the backend did not finish before it closed."""

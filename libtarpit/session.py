@@ -198,6 +198,8 @@ class Session:
             raise LocalError(f"tls_done in phase {self.phase}")
         self._last = now
         if not ok:
+            if detail.startswith("certificate:"):  # ours, not the client's: an error line
+                self._log("error", what="tls", detail=smtp.printable(detail))
             self._log("tls_failed", detail=smtp.printable(detail))
             self._close("tls_failed")
             return self._flush()

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base >/dev/null
+    apt-get install -y -qq ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[test,plot]"

@@ -9,7 +9,7 @@ from libtarpit.config import BUILTIN, DEFAULTS, load_config
 from libtarpit.session import Lists, Log, SendBackend, SendClient, Session, classify
 from libtarpit.sleep import Outcome, SleepResult
 
-BOT = classify("192.0.2.99", "p1-2.dyn.example.net", relayclient=False, verdict=None)._replace(cls="suspicious")
+BOT = classify("93.184.216.34", "p1-2.dyn.example.net", relayclient=False, verdict=None)._replace(cls="suspicious")
 BANNER = b"220 backend ESMTP\r\n"
 
 
@@ -25,10 +25,12 @@ def sent(acts, kind) -> bytes:
 
 
 @pytest.mark.parametrize("helo, refused", [
-    ("[192.0.2.7]", True),            # somebody else's address: ours, typically (seed 003)
-    ("[192.0.2.99]", False),          # the client's own
-    ("[IPv6:2001:db8::1]", True),
+    ("[8.8.8.8]", True),              # somebody else's public address: ours, typically (seed 003)
+    ("[93.184.216.34]", False),       # the client's own
+    ("[IPv6:2a00:1450::1]", True),
     ("mail.example.org", False),      # a name is not this check's business
+    ("[10.1.2.3]", False),            # behind NAT a client can only name its private address
+    ("[127.0.0.1]", False),
 ])
 def test_helo_literal_other_than_the_clients_own_address_is_refused(helo, refused):
     s = session_for(DEFAULTS["suspicious"])
@@ -43,11 +45,11 @@ def test_helo_literal_other_than_the_clients_own_address_is_refused(helo, refuse
 
 def test_helo_literal_is_off_for_normal_clients_and_its_action_is_a_knob():
     normal = BOT._replace(cls="normal")
-    assert sent(session_for(DEFAULTS["normal"], normal).client_data(b"EHLO [192.0.2.7]\r\n", 1.0),
-                SendBackend) == b"EHLO [192.0.2.7]\r\n"
+    assert sent(session_for(DEFAULTS["normal"], normal).client_data(b"EHLO [8.8.8.8]\r\n", 1.0),
+                SendBackend) == b"EHLO [8.8.8.8]\r\n"
     warn = load_config({"TARPIT_ACTION_HELO_LITERAL": "warn"}).policy("suspicious")
-    acts = session_for(warn).client_data(b"EHLO [192.0.2.7]\r\n", 1.0)
-    assert sent(acts, SendBackend) == b"EHLO [192.0.2.7]\r\n"
+    acts = session_for(warn).client_data(b"EHLO [8.8.8.8]\r\n", 1.0)
+    assert sent(acts, SendBackend) == b"EHLO [8.8.8.8]\r\n"
     assert [a.fields[0] for a in acts if isinstance(a, Log)] == [("mode", "warn")]
 
 

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         warnings += warn
         print(f"list {name:<11} {state}")
     warnings += check_tcpserver(args.tcpserver, cfg.rdns)
+    if cfg.tls_cert:
+        broken += check_certificate(cfg.tls_cert, cfg.tls_key or None)
     for cls in CLASSES:
         print(describe_class(cls, cfg.policy(cls), present))
     if any(cfg.policy(c).greylist != "off" for c in CLASSES) and not args.no_store:
@@ -57,6 +59,26 @@ def run(args: argparse.Namespace) -> int:
     if broken:
         return 111
     return 1 if warnings else 0
+
+
+def check_certificate(cert: str, key: str | None) -> int:
+    """Print the TLS certificate's subject and expiry; return 1 if it cannot be used."""
+    import time
+
+    from libtarpit.errors import ControlError
+    from libtarpit.tls import describe, load_context
+
+    try:
+        load_context(cert, key)
+        subject, expires = describe(cert)
+    except ControlError as e:
+        print(f"tls      ERROR {e} (clients asking for STARTTLS would be refused)")
+        return 1
+    days = (expires - time.time()) / 86400
+    when = time.strftime("%Y-%m-%d", time.gmtime(expires))
+    note = "  WARNING: expired" if days < 0 else ("  WARNING: expires within 14 days" if days < 14 else "")
+    print(f"tls      STARTTLS terminated here: {subject}, expires {when} ({days:.0f} days){note}")
+    return 0
 
 
 def check_tcpserver(options: str | None, rdns: bool) -> int:

@@ -196,6 +196,11 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
     tls = None
     if cfg.tls_cert and adm.route == "proxy":
         tls = (cfg.tls_cert, cfg.tls_key or None)
+        # a certificate we cannot read is a configuration error (451), as a broken tarpit.toml is;
+        # parsing it needs ssl, which is loaded only when a client asks for STARTTLS
+        unreadable = [p for p in tls if p and not os.access(p, os.R_OK)]
+        if unreadable:
+            return tempfail(log, "config", f"{unreadable[0]}: TLS certificate or key not readable")
     session = Session(client, adm.policy, adm.lists, greylist, now(), proxy=adm.route == "proxy",
                       tls=tls is not None)
     session.tls_files = tls
