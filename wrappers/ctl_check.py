@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"configuration  {cfg_path or '(built-in defaults, no tarpit.toml)'}; mode={cfg.mode}")
     warnings, broken = 0, 0
     if not os.path.isdir(control):
-        print(f"WARNING  control directory {control} does not exist: every list check is off")
+        print(f"WARNING  control directory {control} does not exist: every client would get 451")
         warnings += 1
     present = {}
     for name in LISTS:
