@@ -12,6 +12,7 @@ Public names:
   proxy_reasons  the checks that need the proxy for this policy and these lists
   helo         the first HELO/EHLO verdict for an argument, or None
   rcpt         the rcptusers verdict for a recipient, or None
+  rcpt_accepted  whether an rcptusers list accepts a recipient (postmaster always)
   greylist_defer  the verdict for a greylist "defer" decision
 
 Postscreen's shape (STYLE.md): every check returns one verdict, declares whether it
@@ -220,22 +221,32 @@ def helo(arg: str, client_ip: str, lists: Any, policy: Any) -> Verdict | None:
 # --- RCPT ----------------------------------------------------------------------
 
 
+def rcpt_accepted(address: str, rcptusers: Any) -> bool:
+    """Return True when the list `rcptusers` (None: no list) accepts RCPT path `address`.
+
+    "postmaster" at any domain is always accepted (RFC 5321 4.5.1), so a strict
+    list cannot lock out abuse reports; the null path "" never is.  Lookup
+    order: libtarpit.control.rcpt_candidates.  ControlError when the list's file
+    fails under the lookup; never raises for any address text.
+    """
+    from . import control
+
+    local, domain = control.split_address(address)
+    if (local, domain) == ("", ""):
+        return False
+    if rcptusers is None or local == "postmaster":
+        return True
+    return any(k in rcptusers for k in control.rcpt_candidates(address))
+
+
 def rcpt(address: str, lists: Any, policy: Any) -> Verdict | None:
     """Return the rcptusers verdict for RCPT path `address`, or None when accepted.
 
-    No list, or action "ignore": None.  Lookup order and the postmaster rule are
-    libtarpit.control's (rcpt_candidates).  Never raises for any address text;
-    ControlError when the list's file fails under the lookup.
+    No list, or action "ignore": None.  ControlError as for rcpt_accepted.
     """
     users = getattr(lists, "rcptusers", None)
-    if users is None or action_of(policy, "rcpt") == "ignore":
+    if users is None or action_of(policy, "rcpt") == "ignore" or rcpt_accepted(address, users):
         return None
-    from . import control
-
-    local = control.rcpt_candidates(address)
-    bare = address.rpartition("@")[0] if "@" in address else address
-    if bare.lower() == "postmaster" or any(k in users for k in local):
-        return None  # RFC 5321 4.5.1: postmaster is always a recipient
     shown = smtp.printable(address)
     return Verdict("rcpt", "unknown_user",
                    smtp.reply(550, f"5.1.1 <{shown}>: Recipient address rejected: no such user"),

@@ -8,9 +8,8 @@ Public names:
   ControlList    one list, loaded once: NAME.cdb when it exists (looked up in the file),
                  else the text file NAME (read whole)
   stale_cdb      whether NAME is newer than NAME.cdb (the CDB is still the one in use)
-  helo_refused   why a HELO/EHLO argument is refused ("empty", "listed", "nodot"), or None
-  rcpt_candidates the keys rcpt_valid tries for an address, in order
-  rcpt_valid     whether rcptusers accepts a RCPT address
+  split_address  a RCPT path -> (local part, domain), lower case, outer quotes and route removed
+  rcpt_candidates the keys an rcptusers lookup tries for an address, in order
   compile_cdb    text list -> CDB, written to a temp file, fsynced and renamed over the old one
 
 Text format (docs/control.md): one key a line; blank lines are ignored; `#` at
@@ -534,42 +533,7 @@ def stale_cdb(directory: str, name: str) -> bool:
         return False
 
 
-def _is_address_literal(name: str) -> bool:
-    if not (name.startswith("[") and name.endswith("]")):
-        return False
-    inner = name[1:-1]
-    import ipaddress
-
-    try:
-        if inner[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return False
-    return True
-
-
-def helo_refused(arg: str, badheloarg: ControlList | None) -> str | None:
-    """Return why a HELO/EHLO argument is refused, or None when it is accepted.
-
-    "empty": nothing but whitespace.  "listed": in badheloarg, case-insensitive,
-    as given or without one trailing dot.  "nodot": no '.' once a trailing dot
-    is dropped, unless it is an address literal ([192.0.2.1], [IPv6:2001:db8::1]).
-    The empty and nodot checks apply even when badheloarg is None, as in
-    seed 003's patch.  Never raises.
-    """
-    name = arg.strip()
-    if not name:
-        return "empty"
-    if badheloarg is not None and (name in badheloarg or name.removesuffix(".") in badheloarg):
-        return "listed"
-    if "." not in name.removesuffix(".") and not _is_address_literal(name):
-        return "nodot"
-    return None
-
-
-def _split_address(address: str) -> tuple[str, str]:
+def split_address(address: str) -> tuple[str, str]:
     """Return (local part, domain) lower case; domain "" when there is none."""
     a = address.strip()
     if a.startswith("<") and a.endswith(">"):
@@ -587,7 +551,7 @@ def _split_address(address: str) -> tuple[str, str]:
 
 
 def rcpt_candidates(address: str) -> list[str]:
-    """Return the keys rcpt_valid looks up for `address`, in order ([] for the null path).
+    """Return the keys an rcptusers lookup tries for `address`, in order ([] for the null path).
 
     local@domain, local, @domain, then qmail's extension fallback on the local
     part: a-b-c -> a-b-default@domain, a-b-default, a-default@domain, a-default.
@@ -595,7 +559,7 @@ def rcpt_candidates(address: str) -> list[str]:
     a local part that is empty or still holds an '@' ("a@b"@example.com) can
     match no key, so only @domain is tried for it.
     """
-    local, domain = _split_address(address)
+    local, domain = split_address(address)
     at = "@" + domain if domain else ""
     if not local or "@" in local:
         return [at] if at else []
@@ -605,21 +569,6 @@ def rcpt_candidates(address: str) -> list[str]:
         base = "-".join(parts[:i]) + "-default"
         out += [base + at, base] if at else [base]
     return list(dict.fromkeys(out))
-
-
-def rcpt_valid(address: str, rcptusers: ControlList | None) -> bool:
-    """Return True when rcptusers accepts the RCPT path `address` (without < >).
-
-    None (no list) accepts everyone; "postmaster" at any domain is always accepted
-    (RFC 5321 4.5.1).  The null path "" is never a recipient.
-    Lookup order: see rcpt_candidates.  Never raises.
-    """
-    local, _domain = _split_address(address)
-    if (local, _domain) == ("", ""):
-        return False
-    if rcptusers is None or local.lower() == "postmaster":
-        return True  # RFC 5321 4.5.1: postmaster must always be accepted
-    return any(c in rcptusers for c in rcpt_candidates(address))
 
 
 def _out_mode(out: str) -> int:

@@ -15,17 +15,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from libtarpit.checks import helo, rcpt_accepted as rcpt_valid
+from libtarpit.config import DEFAULTS
 from libtarpit.control import (
     ControlList,
     compile_cdb,
-    helo_refused,
     parse_text,
     rcpt_candidates,
-    rcpt_valid,
     stale_cdb,
 )
+from libtarpit.session import Lists
 from conftest import need
 from libtarpit.errors import ControlError
+
+# The HELO and RCPT decisions live in libtarpit.checks; these tests read lists through them.
+_HELO_LIST_AND_SHAPE = DEFAULTS["normal"]._replace(helo="enforce", helo_nodot="enforce", helo_literal="ignore")
+
+
+def helo_refused(arg: str, badheloarg) -> str | None:
+    """The reason checks.helo refuses `arg` with this list and the shape rule on, or None."""
+    verdict = helo(arg, "192.0.2.1", Lists(badheloarg, None), _HELO_LIST_AND_SHAPE)
+    return verdict.reason if verdict else None
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "control-examples"
 @pytest.fixture
@@ -733,13 +743,11 @@ def test_cli_usage_errors_exit_100(tmp_path):
 
 
 def test_postmaster_is_always_a_valid_recipient(tmp_path):
-    from libtarpit import control
-
     (tmp_path / "rcptusers").write_text("bob\n")
-    lst = control.ControlList.load(str(tmp_path), "rcptusers")
-    assert control.rcpt_valid("PostMaster@example.com", lst)
-    assert control.rcpt_valid("postmaster", lst)
-    assert not control.rcpt_valid("postmaster-x@example.com", lst)
+    lst = ControlList.load(str(tmp_path), "rcptusers")
+    assert rcpt_valid("PostMaster@example.com", lst)
+    assert rcpt_valid("postmaster", lst)
+    assert not rcpt_valid("postmaster-x@example.com", lst)
 
 
 def test_tarpitctl_cdb_records_the_cdb_in_the_state_dir(tmp_path):
