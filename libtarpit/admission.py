@@ -37,8 +37,8 @@ TEMPFAIL = smtp.reply(451, "4.3.0 Temporary local problem, please try again late
 TOO_MANY = smtp.reply(421, "4.7.0 Too many connections from your address, try again later")
 
 
-class Admission(value("Admission", "client policy lists greylist route reply logs limit proxy_for",
-                      defaults=(None, None, None, None, "refuse", b"", (), 0, ()))):
+class Admission(value("Admission", "client policy lists greylist route reply logs limit proxy_for reason",
+                      defaults=(None, None, None, None, "refuse", b"", (), 0, (), "tempfail"))):
     """The admission decision; `route` is "exec", "proxy" or "refuse".
 
     client     libtarpit.client.Client (None when refused before classifying)
@@ -49,6 +49,7 @@ class Admission(value("Admission", "client policy lists greylist route reply log
     logs       Log actions to write before anything else (errors met on the way)
     limit      per-IP connection cap the driver must take a slot under (0: none)
     proxy_for  the checks and limits that need the proxy (empty for exec)
+    reason     for "refuse": the `end` reason ("tempfail": our failure, exit 111; "conn_limit")
     """
 
     __slots__ = ()
@@ -72,7 +73,7 @@ def refuse(what: str, detail: str) -> Admission:
 def over_limit(adm: Admission) -> Admission:
     """Return `adm` turned into the per-IP cap's refusal (421, a conn_limit line)."""
     logs = adm.logs + (Log("connect"), Log("conn_limit", (("limit", adm.limit),)))
-    return adm._replace(route="refuse", reply=TOO_MANY, logs=logs)
+    return adm._replace(route="refuse", reply=TOO_MANY, logs=logs, reason="conn_limit")
 
 
 def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,

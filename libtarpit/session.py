@@ -331,7 +331,7 @@ class Session:
         self._goto("sleep")
         self._out.append(Sleep(seconds, stage))
 
-    def _judge(self, verdict: checks.Verdict, event: str | None = None) -> str:
+    def _judge(self, verdict: checks.Verdict) -> str:
         """Apply a verdict's configured action; return "pass", "warn", "enforce" or "drop".
 
         Logs the verdict (with mode=warn for warn; nothing for ignore).  For a
@@ -341,7 +341,7 @@ class Session:
         and warn, and stops for enforce and drop.
         """
         what = checks.outcome(checks.action_of(self.policy, verdict.check))
-        event = event or checks.CHECKS[verdict.check].event
+        event = checks.CHECKS[verdict.check].event
         if what == "warn":
             self._out.append(Log(event, (("mode", "warn"),) + verdict.fields))
         elif what != "pass":
@@ -607,11 +607,7 @@ class Session:
             verdict = checks.Verdict("pipelining", "early", None,
                                      (("stage", stage), ("elapsed", at),
                                       ("bytes", len(self._relay.inbuf) + len(result.early))))
-            what = checks.outcome(checks.action_of(self.policy, "pipelining"))
-            if what in ("enforce", "drop"):
-                self._out.append(Log("pipelining", verdict.fields))
-            elif what == "warn":
-                self._out.append(Log("pipelining", (("mode", "warn"),) + verdict.fields))
+            what = self._judge(verdict)
         if result.disconnected:
             self._log("tarpit_lost", stage=stage, elapsed=result.elapsed)
             self._greylist_call("tarpit_lost", sender, rcpt, now)

@@ -22,7 +22,6 @@ import time
 
 USAGE = "usage: tarpit-smtpd [--control DIR] [--config FILE] PROGRAM [ARGS...]\n"
 CLIENT_IN, CLIENT_OUT = 0, 1
-PROGRAM: list[str] = []  # the backend's argv, set once by main()
 
 
 def now() -> float:
@@ -147,13 +146,15 @@ def refused(adm, log) -> int:
     for line in adm.logs:
         log.event(line.event, **dict(line.fields))
     write_client(adm.reply)
-    reason = "conn_limit" if adm.reply.startswith(b"421") else "tempfail"
-    log.event("end", reason=reason)
-    return 0 if reason == "conn_limit" else 111
+    log.event("end", reason=adm.reason)
+    return 111 if adm.reason == "tempfail" else 0
 
 
-def setup(opts: dict[str, str], env: dict[str, str], log):
-    """Admit the client: return (session, slot fd or None), or an exit status after a refusal.
+def setup(opts: dict[str, str], env: dict[str, str], log, program: list[str]):
+    """Admit the client: return (session, slot fd or None, TLS files or None), or an exit status.
+
+    An exit status means the client was refused, or that exec failed (on success
+    exec does not return).
 
     All the decisions are libtarpit.admission's; this does the I/O they ask for:
     reading the configuration, the DNS query, the slot lock, opening the store.
@@ -192,7 +193,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
         # importing the session (bench/: ~3 ms per connection on the fast path)
         log.event("connect")
         log.event("exec")
-        return exec_backend(slot, log)
+        return exec_backend(program, slot, log)
     greylist = None
     if adm.greylist is not None:
         from libtarpit import greylist as gl
@@ -210,13 +211,11 @@ def setup(opts: dict[str, str], env: dict[str, str], log):
             return tempfail(log, "config", f"{unreadable[0]}: TLS certificate or key not readable")
     session = Session(client, adm.policy, adm.lists, greylist, now(), proxy=adm.route == "proxy",
                       tls=tls is not None)
-    session.tls_files = tls
-    return session, slot
+    return session, slot, tls
 
 
-def exec_backend(slot: int | None, log, program: list[str] | None = None) -> int:
+def exec_backend(program: list[str], slot: int | None, log) -> int:
     """Replace this process with the backend on the client's fds; return 111 only if exec failed."""
-    program = program or PROGRAM
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if slot is not None:  # the backend keeps the connection slot (its lock survives exec)
         os.set_inheritable(slot, True)
@@ -308,17 +307,26 @@ class Client:
         raw = read_client()
         if self.tls is None:
             return raw
+        plain, failed = self._decrypt(raw)
+        if plain:
+            return plain
+        return b"" if (failed or self.tls.eof or not raw) else None
+
+    def _decrypt(self, raw: bytes | None) -> tuple[bytes, bool]:
+        """Feed `raw` (None: nothing new) to TLS; return (plaintext now available, TLS failed).
+
+        Whatever TLS has to say back (an alert, a session ticket) is queued for the client.
+        """
         from libtarpit.tls import TLSFailed
 
         try:
-            self.tls.feed(raw)
-            plain = self.tls.read()
+            if raw is not None:
+                self.tls.feed(raw)
+            plain, failed = self.tls.read(), False
         except TLSFailed:
-            return b""
+            plain, failed = b"", True
         self.out.buf += self.tls.outgoing()
-        if plain:
-            return plain
-        return b"" if (self.tls.eof or not raw) else None
+        return plain, failed
 
     def handshake(self, files, timeout: float) -> tuple[bool, str]:
         """Run the TLS server handshake (blocking, bounded by `timeout`); return (ok, detail)."""
@@ -363,29 +371,14 @@ class Client:
 
     def decrypt_early(self, result):
         """The SleepResult with its early bytes (TLS records) decrypted; a close_notify is no command."""
-        from libtarpit.tls import TLSFailed
-
-        try:
-            self.tls.feed(result.early)
-            plain = self.tls.read()
-        except TLSFailed:
-            plain = b""
-        self.out.buf += self.tls.outgoing()
-        return result._replace(early=plain)
+        return result._replace(early=self._decrypt(result.early)[0])
 
     def pending_plain(self) -> bytes:
         """Plaintext TLS already decrypted and buffered (read at once after the handshake)."""
-        if self.tls is None:
-            return b""
-        from libtarpit.tls import TLSFailed
-
-        try:
-            return self.tls.read()
-        except TLSFailed:
-            return b""
+        return self._decrypt(None)[0] if self.tls is not None else b""
 
 
-def run(session, program: list[str], log, slot: int | None = None) -> int:
+def run(session, program: list[str], log, slot: int | None = None, tls_files=None) -> int:
     """Carry out the session's actions until it closes; return the exit status."""
     from libtarpit import actions as A
 
@@ -422,7 +415,7 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                 to_backend = Outbox(backend.sock.send)
             elif isinstance(a, A.StartTLS):
                 client = client or Client()
-                ok, detail = client.handshake(session.tls_files, session.policy.idle_timeout or 60.0)
+                ok, detail = client.handshake(tls_files, session.policy.idle_timeout or 60.0)
                 todo[:0] = session.tls_done(ok, detail, now())
                 more = client.pending_plain() if ok else b""
                 if more:
@@ -431,7 +424,7 @@ def run(session, program: list[str], log, slot: int | None = None) -> int:
                 client = client or Client()
                 todo[:0] = passthrough(session, client, backend, to_backend)
             elif isinstance(a, A.Exec):
-                return exec_backend(slot, log, program)
+                return exec_backend(program, slot, log)
             elif isinstance(a, A.Close):
                 return close(a, client, backend, log)
         if client is not None and not client.out.flush():
@@ -480,8 +473,7 @@ def close(action, client: Client | None, backend: Backend | None, log) -> int:
         select.select([], [CLIENT_OUT], [], max(0.0, end - now()))
     if backend is not None:
         status = backend.stop(action.linger)
-        if status and action.reason not in ("tarpit_lost", "greet_lost", "pregreet", "timeout", "session_limit",
-                                            "slow_data", "too_many_errors", "policy", "error"):
+        if status and action.linger > 0:  # with no linger we stopped it ourselves: its status says nothing
             log.event("error", what="backend", detail=f"exited with status {status}")
     log.event("end", **dict(action.fields))
     return action.status
@@ -533,7 +525,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(USAGE)
         return 100
     opts, program = parsed
-    PROGRAM[:] = program
     env = os.environ
     pid = os.getpid()
     log = EventLog(sys.stderr, {
@@ -543,11 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     })
     session = None
     try:
-        made = setup(opts, dict(env), log)
+        made = setup(opts, dict(env), log, program)
         if isinstance(made, int):
             return made
-        session, slot = made
-        return run(session, program, log, slot)
+        session, slot, tls_files = made
+        return run(session, program, log, slot, tls_files)
     except Exception as e:  # our own bug: 451, one line, never a traceback on the socket
         tb = e.__traceback__
         while tb is not None and tb.tb_next is not None:
