@@ -13,10 +13,15 @@ Public names:
   funnel          events -> Funnel: connections -> suspicious -> lost -> greylisted -> passed
   top_reasons     events -> most frequent refusal reasons (ReasonCount)
   warn_counts     events -> what warn mode would have done (WarnCount)
+  tls_share       events -> TlsShare: connections that ended, how many of them encrypted
+  network_of      an ip= value -> its client network ("192.0.2.0/24", "2001:db8::/64") or "-"
+  auth_summary    events -> AuthSummary: ok / fail per mechanism, failures per client network
+  error_summary   events -> ErrorSummary: error lines by what=, greylist store errors
   build_report    events -> Report (all of the above)
   report_to_dict  Report -> a JSON-ready dict
   format_report   Report -> the text `tarpitctl stats` prints
-  GiveupRow, CumulativeRow, GiveupTable, Funnel, ReasonCount, WarnCount, Report
+  GiveupRow, CumulativeRow, GiveupTable, Funnel, ReasonCount, WarnCount, TlsShare,
+  AuthCount, AuthSummary, ErrorSummary, Report
 
 Counting rules (seed 000): a tarpitted connection counts at most once; one
 that pipelined counts as PL at its first `pipelining` elapsed, otherwise its
@@ -34,6 +39,7 @@ through libtarpit.text.printable before it is printed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections import Counter
@@ -53,6 +59,7 @@ _TAI64N = re.compile(r"@?([0-9a-fA-F]{16})([0-9a-fA-F]{8})")
 MAX_SECONDS = 86400.0  # an elapsed beyond a day is no tarpit or pause of ours
 GAP_ROWS = 5           # up to this many empty buckets in a row print as zero rows
 _FIELD = 40            # characters of an event or reason printed in the text report
+_DETAIL = 100          # characters of an error's detail printed in the text report
 _MONTHS = {m: i for i, m in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -141,6 +148,63 @@ class WarnCount:
 
 
 @dataclass(frozen=True)
+class TlsShare:
+    """Distinct connections with an `end` line, and how many of them ended encrypted.
+
+    `encrypted`: their end line carries tls=1; of those, `terminated` had a
+    `tls` line (the wrapper ran the handshake) and `passthrough` a
+    `tls_passthrough` line.  `failed`: connections with a `tls_failed` line.
+    `fast_path`: connections that went to `exec` (no end line; their TLS, if
+    any, is the backend's and not in the log).
+    """
+
+    ended: int
+    encrypted: int
+    percent: int
+    terminated: int
+    passthrough: int
+    failed: int
+    fast_path: int
+
+
+@dataclass(frozen=True)
+class AuthCount:
+    """`auth` lines for one key (a mechanism or a client network): ok and failed."""
+
+    key: str
+    ok: int
+    fail: int
+
+
+@dataclass(frozen=True)
+class AuthSummary:
+    """`auth` lines: totals, per mechanism, and the client networks with the most failures.
+
+    `mechanisms` holds at most `top` mechanisms, most failures first.
+    `networks` holds at most `top` networks with at least one failure, most
+    failures first (ok counts beside); `networks_failing` how many there were in all.
+    """
+
+    ok: int
+    fail: int
+    mechanisms: tuple[AuthCount, ...]
+    networks: tuple[AuthCount, ...]
+    networks_failing: int
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """`error` lines: total, count per what= (most frequent first, at most `top`),
+    and the greylist store's: lines, distinct connections, most frequent details."""
+
+    total: int
+    by_what: tuple[ReasonCount, ...]
+    greylist: int
+    greylist_connections: int
+    greylist_details: tuple[ReasonCount, ...]
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything `tarpitctl stats` shows, computed from one list of events."""
 
@@ -149,6 +213,9 @@ class Report:
     funnel: Funnel
     reasons: tuple[ReasonCount, ...]
     warn: tuple[WarnCount, ...]
+    tls: TlsShare
+    auth: AuthSummary
+    errors: ErrorSummary
 
 
 def parse_tai64n(stamp: str) -> float:
@@ -420,6 +487,122 @@ def warn_counts(events: Iterable[Event]) -> tuple[WarnCount, ...]:
     return tuple(WarnCount(_WOULD.get(e, f"would {e}"), e, c) for e, c in ordered)
 
 
+def tls_share(events: Iterable[Event]) -> TlsShare:
+    """Return how many connections ended (an `end` line) and how many of them encrypted.
+
+    A connection is encrypted when an `end` line of it carries tls=1 (the
+    wrapper terminated TLS or passed it through).  `terminated` / `passthrough`
+    split those by a `tls` / `tls_passthrough` line of the same connection (a
+    log that starts mid-connection may have neither).  Percent is of `ended`,
+    half up.  Connections are identified by conn and pid.
+    """
+    ended: set[ConnKey] = set()
+    encrypted: set[ConnKey] = set()
+    seen: dict[str, set[ConnKey]] = {"tls": set(), "tls_passthrough": set(),
+                                     "tls_failed": set(), "exec": set()}
+    for index, event in enumerate(events):
+        name = event.get("event", "")
+        key = _conn_key(event, index)
+        if name == "end":
+            ended.add(key)
+            if event.get("tls") == "1":
+                encrypted.add(key)
+        elif name in seen:
+            seen[name].add(key)
+    return TlsShare(
+        ended=len(ended),
+        encrypted=len(encrypted),
+        percent=_percent(len(encrypted), len(ended)),
+        terminated=len(encrypted & seen["tls"]),
+        passthrough=len(encrypted & seen["tls_passthrough"]),
+        failed=len(seen["tls_failed"]),
+        fast_path=len(seen["exec"] - ended),
+    )
+
+
+def network_of(ip: str | None) -> str:
+    """Return the client network of an ip= value: its /24 (IPv4) or /64 (IPv6), else "-".
+
+    An IPv4-mapped IPv6 address ("::ffff:192.0.2.7") counts as its IPv4 /24;
+    a zone ("fe80::1%eth0") is dropped.  Never raises.
+    """
+    try:
+        addr = ipaddress.ip_address((ip or "").strip())
+    except ValueError:
+        return "-"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return str(ipaddress.IPv4Network((int(addr), 24), strict=False))
+    return str(ipaddress.IPv6Network((int(addr), 64), strict=False))
+
+
+def _ordered_auth(counts: Mapping[str, list[int]]) -> list[AuthCount]:
+    rows = [AuthCount(k, ok, fail) for k, (ok, fail) in counts.items()]
+    return sorted(rows, key=lambda r: (-r.fail, -r.ok, r.key))
+
+
+def auth_summary(events: Iterable[Event], top: int = 10) -> AuthSummary:
+    """Return ok / fail counts of `auth` lines, per mechanism and per client network.
+
+    result=ok counts as ok, any other result as a failure.  Networks come from
+    ip= by `network_of`; only networks with a failure are listed, at most
+    `top`, most failures first (then most ok, then by name).  Mechanisms are
+    upper-cased and ordered the same way, also at most `top` (the client names
+    them, so there may be any number).
+    """
+    ok = fail = 0
+    mechs: dict[str, list[int]] = {}
+    nets: dict[str, list[int]] = {}
+    for event in events:
+        if event.get("event") != "auth":
+            continue
+        slot = 0 if event.get("result") == "ok" else 1
+        if slot:
+            fail += 1
+        else:
+            ok += 1
+        mechs.setdefault((event.get("mech") or "-").upper(), [0, 0])[slot] += 1
+        nets.setdefault(network_of(event.get("ip")), [0, 0])[slot] += 1
+    failing = [r for r in _ordered_auth(nets) if r.fail]
+    return AuthSummary(ok, fail, tuple(_ordered_auth(mechs)[:max(top, 0)]),
+                       tuple(failing[:max(top, 0)]), len(failing))
+
+
+def error_summary(events: Iterable[Event], top: int = 10) -> ErrorSummary:
+    """Return `error` lines counted by what= (at most `top`), and the greylist store's.
+
+    `greylist`: lines with what=greylist (the store failed; the wrapper fails
+    open, so taRgrey is off for that call); `greylist_connections`: distinct
+    connections that had one; `greylist_details`: the 3 most frequent detail=
+    texts, as ReasonCount("greylist", detail, count).
+    """
+    by_what: Counter[str] = Counter()
+    details: Counter[str] = Counter()
+    conns: set[ConnKey] = set()
+    for index, event in enumerate(events):
+        if event.get("event") != "error":
+            continue
+        what = event.get("what") or "-"
+        by_what[what] += 1
+        if what == "greylist":
+            details[event.get("detail") or "-"] += 1
+            conns.add(_conn_key(event, index))
+
+    def ordered(counts: Counter[str], n: int) -> tuple[ReasonCount, ...]:
+        pairs = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max(n, 0)]
+        return tuple(ReasonCount("error", k, c) for k, c in pairs)
+
+    return ErrorSummary(
+        total=sum(by_what.values()),
+        by_what=ordered(by_what, top),
+        greylist=by_what["greylist"],
+        greylist_connections=len(conns),
+        greylist_details=tuple(ReasonCount("greylist", r.reason, r.count)
+                               for r in ordered(details, 3)),
+    )
+
+
 def build_report(events: Iterable[Event], bucket: int = 10,
                  marks: Iterable[int] = (35, 45, 65), top: int = 10) -> Report:
     """Return the whole Report over `events`; raises ValueError if bucket < 1."""
@@ -430,6 +613,9 @@ def build_report(events: Iterable[Event], bucket: int = 10,
         funnel=funnel(listed),
         reasons=top_reasons(listed, top),
         warn=warn_counts(listed),
+        tls=tls_share(listed),
+        auth=auth_summary(listed, top),
+        errors=error_summary(listed, top),
     )
 
 
@@ -458,15 +644,42 @@ def report_to_dict(report: Report) -> dict[str, object]:
                         for r in report.reasons],
         "warn": [{"label": w.label, "event": w.event, "count": w.count}
                  for w in report.warn],
+        "tls": {
+            "ended": report.tls.ended,
+            "encrypted": report.tls.encrypted,
+            "percent": report.tls.percent,
+            "terminated": report.tls.terminated,
+            "passthrough": report.tls.passthrough,
+            "failed": report.tls.failed,
+            "fast_path": report.tls.fast_path,
+        },
+        "auth": {
+            "ok": report.auth.ok,
+            "fail": report.auth.fail,
+            "mechanisms": [{"mech": m.key, "ok": m.ok, "fail": m.fail}
+                           for m in report.auth.mechanisms],
+            "networks": [{"network": n.key, "fail": n.fail, "ok": n.ok}
+                         for n in report.auth.networks],
+            "networks_failing": report.auth.networks_failing,
+        },
+        "errors": {
+            "total": report.errors.total,
+            "by_what": [{"what": r.reason, "count": r.count} for r in report.errors.by_what],
+            "greylist": report.errors.greylist,
+            "greylist_connections": report.errors.greylist_connections,
+            "greylist_details": [{"detail": r.reason, "count": r.count}
+                                 for r in report.errors.greylist_details],
+        },
     }
 
 
 def format_report(report: Report) -> str:
-    """Return the text report: seed 000's table, seed 001's funnel, reasons, warn."""
+    """Return the text report: seed 000's table, seed 001's funnel, reasons, warn, TLS, AUTH, errors."""
     parts = [_format_giveup(report.giveup), _format_funnel(report.funnel),
              _format_reasons(report.reasons)]
     if report.warn:
         parts.append(_format_warn(report.warn))
+    parts += [_format_tls(report.tls), _format_auth(report.auth), _format_errors(report.errors)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -516,4 +729,42 @@ def _format_reasons(reasons: tuple[ReasonCount, ...]) -> str:
 def _format_warn(warn: tuple[WarnCount, ...]) -> str:
     lines = ["Warn mode (not enforced)"]
     lines += [f"  {printable(w.label, _FIELD):<30}{w.count:>9}" for w in warn]
+    return "\n".join(lines)
+
+
+def _format_tls(t: TlsShare) -> str:
+    lines = [
+        "TLS (connections with an end line)",
+        f"{'ended':<22}{t.ended:>9}",
+        f"{'  encrypted (tls=1)':<22}{t.encrypted:>9}  {t.percent:>3}%",
+        f"{'    terminated here':<22}{t.terminated:>9}",
+        f"{'    pass-through':<22}{t.passthrough:>9}",
+        f"{'handshake failed':<22}{t.failed:>9}",
+        f"{'fast path (exec)':<22}{t.fast_path:>9}  (their TLS is the backend's: not in the log)",
+    ]
+    return "\n".join(lines)
+
+
+def _format_auth(a: AuthSummary) -> str:
+    lines = ["AUTH (the backend's answer)", f"{'ok':<22}{a.ok:>9}", f"{'failed':<22}{a.fail:>9}"]
+    if a.mechanisms:
+        lines.append(f"  {'mechanism':<28}{'failed':>9}{'ok':>9}")
+        lines += [f"  {printable(m.key, _FIELD):<28}{m.fail:>9}{m.ok:>9}" for m in a.mechanisms]
+    if a.networks:
+        lines.append(f"  {'failures by network':<28}{'failed':>9}{'ok':>9}")
+        lines += [f"  {printable(n.key, _FIELD):<28}{n.fail:>9}{n.ok:>9}" for n in a.networks]
+        if a.networks_failing > len(a.networks):
+            lines.append(f"  ... {a.networks_failing - len(a.networks)} more networks with failures")
+    return "\n".join(lines)
+
+
+def _format_errors(e: ErrorSummary) -> str:
+    lines = ["Errors (error lines by what=)"]
+    lines += [f"  {printable(r.reason, _FIELD):<28}{r.count:>9}" for r in e.by_what]
+    if not e.by_what:
+        lines.append("  (none)")
+    if e.greylist:
+        lines.append(f"greylist store errors: {e.greylist} lines in {e.greylist_connections} "
+                     f"connections (it fails open: no greylisting for those)")
+        lines += [f"  {r.count:>7} x \"{printable(r.reason, _DETAIL)}\"" for r in e.greylist_details]
     return "\n".join(lines)

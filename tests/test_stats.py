@@ -42,9 +42,10 @@ CUMULATIVE = re.compile(r"^up to (\d+) s\s+(\d+)\s+(\d+)%$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def line(conn: int, event: str, cls: str = "suspicious", **extra: object) -> str:
+def line(conn: int, event: str, cls: str = "suspicious", *, ip: str = "192.0.2.7",
+         **extra: object) -> str:
     rule = 1 if cls == "suspicious" else "-"
-    pairs = [("conn", f"c{conn}"), ("pid", 1000 + conn), ("ip", "192.0.2.7"),
+    pairs = [("conn", f"c{conn}"), ("pid", 1000 + conn), ("ip", ip),
              ("host", "p1-2-3.dyn.example"), ("class", cls), ("rule", rule),
              ("event", event), *extra.items()]
     return format_line(pairs)
@@ -424,3 +425,172 @@ def test_client_text_in_reasons_is_printed_escaped(tmp_path):
     text = done.stdout.decode()
     assert "\x1b" not in text and "\x07" not in text
     assert re.search(r"rcpt_reject\s+\?\]0;pwned\?x+\.\.\.\s+1$", text, re.M)
+
+
+# --- TLS share, AUTH failures per network, error lines (issues 11 and 13) ---------------
+
+TLS_LOG = [
+    # 1: terminated by the wrapper, then authenticated.
+    line(1, "connect", "normal", ip="192.0.2.121"),
+    line(1, "tls", "normal", ip="192.0.2.121", detail="TLSv1.3 TLS_AES_256_GCM_SHA384"),
+    line(1, "auth", "normal", ip="192.0.2.121", mech="PLAIN", result="ok"),
+    line(1, "end", "normal", ip="192.0.2.121", reason="backend_closed", duration=2.3, tls=1, auth=1),
+    # 2: passed through after a tarpit at STARTTLS.
+    line(2, "connect", ip="198.51.100.9"),
+    line(2, "tarpit_start", ip="198.51.100.9", stage="tls", seconds=65.0),
+    line(2, "tarpit_done", ip="198.51.100.9", stage="tls", elapsed=65.0),
+    line(2, "tls_passthrough", ip="198.51.100.9"),
+    line(2, "end", ip="198.51.100.9", reason="client_closed", duration=70.4, tls=1),
+    # 3: plaintext all the way.
+    line(3, "connect", "normal"), line(3, "end", "normal", reason="backend_closed", duration=0.1),
+    # 4: spoke plaintext after STARTTLS.
+    line(4, "connect", ip="192.0.2.122"),
+    line(4, "tls_failed", ip="192.0.2.122", detail="wrong_version_number"),
+    line(4, "end", ip="192.0.2.122", reason="tls_failed", duration=0.2),
+    # 5: trusted, fast path: no end line, its TLS is the backend's.
+    line(5, "connect", "trusted", ip="192.0.2.60"), line(5, "exec", "trusted", ip="192.0.2.60"),
+]
+
+
+def section(text: str, title: str) -> str:
+    """The block of the text report that starts with `title` (up to the next blank line)."""
+    start = text.index("\n" + title) + 1
+    end = text.find("\n\n", start)
+    return text[start:end if end >= 0 else len(text)].rstrip("\n")
+
+
+def test_tls_share(tmp_path):
+    log = write(tmp_path / "log", TLS_LOG)
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    tls = section(done.stdout.decode(), "TLS")
+    assert re.search(r"^ended\s+4$", tls, re.M)
+    assert re.search(r"^  encrypted \(tls=1\)\s+2\s+50%$", tls, re.M)
+    assert re.search(r"^    terminated here\s+1$", tls, re.M)
+    assert re.search(r"^    pass-through\s+1$", tls, re.M)
+    assert re.search(r"^handshake failed\s+1$", tls, re.M)
+    assert re.search(r"^fast path \(exec\)\s+1\s", tls, re.M)
+    data = json.loads(tarpitctl("--json", log).stdout)
+    assert data["tls"] == {"ended": 4, "encrypted": 2, "percent": 50, "terminated": 1,
+                           "passthrough": 1, "failed": 1, "fast_path": 1}
+    # The new sections leave the funnel alone.
+    assert funnel_lines(done.stdout)["connections"] == 5
+
+
+def guesser_log() -> list[str]:
+    out: list[str] = []
+    conn = 100
+    # A password guesser spread over one /24: 3 addresses, 4 tries each, LOGIN.
+    for host in (10, 11, 12):
+        for _ in range(4):
+            conn += 1
+            ip = f"203.0.113.{host}"
+            out += [line(conn, "connect", ip=ip),
+                    line(conn, "auth", ip=ip, mech="LOGIN", result="fail", code=535),
+                    line(conn, "end", ip=ip, reason="too_many_errors", duration=3.0)]
+    # One IPv6 /64, two addresses: 2 failures, then the user gets it right (PLAIN).
+    for ip, result in (("2001:db8:1:2::5", "fail"), ("2001:db8:1:2:a:b:c:d", "fail"),
+                       ("2001:db8:1:2::5", "ok")):
+        conn += 1
+        extra = {"code": 535} if result == "fail" else {}
+        out += [line(conn, "connect", ip=ip),
+                line(conn, "auth", ip=ip, mech="PLAIN", result=result, **extra)]
+    # Another /64 in the same /48: a network of its own.
+    out.append(line(conn + 1, "auth", ip="2001:db8:1:3::1", mech="PLAIN", result="fail", code=535))
+    # A roaming user, ok from a /24 with no failure: not listed under failures.
+    out.append(line(conn + 2, "auth", ip="198.51.100.77", mech="LOGIN", result="ok"))
+    # An IPv4-mapped address is its IPv4 /24; a temporary failure (454) is a failure.
+    out.append(line(conn + 3, "auth", ip="::ffff:203.0.113.200", mech="login", result="fail",
+                    code=454))
+    return out
+
+
+def test_auth_failures_per_client_network(tmp_path):
+    log = write(tmp_path / "log", guesser_log())
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    auth = section(done.stdout.decode(), "AUTH")
+    assert re.search(r"^ok\s+2$", auth, re.M)
+    assert re.search(r"^failed\s+16$", auth, re.M)
+    assert re.search(r"^  LOGIN\s+13\s+1$", auth, re.M)
+    assert re.search(r"^  PLAIN\s+3\s+1$", auth, re.M)
+    nets = re.findall(r"^  (\S+/\d+)\s+(\d+)\s+(\d+)$", auth, re.M)
+    assert nets == [("203.0.113.0/24", "13", "0"), ("2001:db8:1:2::/64", "2", "1"),
+                    ("2001:db8:1:3::/64", "1", "0")]
+    assert "198.51.100" not in auth
+
+    top1 = section(tarpitctl("--top", "1", log).stdout.decode(), "AUTH")
+    assert re.findall(r"^  (\S+/\d+)\s", top1, re.M) == ["203.0.113.0/24"]
+    assert "... 2 more networks with failures" in top1
+    assert re.search(r"^  LOGIN\s", top1, re.M) and not re.search(r"^  PLAIN\s", top1, re.M)
+
+    data = json.loads(tarpitctl("--json", log).stdout)["auth"]
+    assert (data["ok"], data["fail"], data["networks_failing"]) == (2, 16, 3)
+    assert data["networks"][:2] == [{"network": "203.0.113.0/24", "fail": 13, "ok": 0},
+                                    {"network": "2001:db8:1:2::/64", "fail": 2, "ok": 1}]
+    assert {"mech": "LOGIN", "ok": 1, "fail": 13} in data["mechanisms"]
+
+
+def test_network_of():
+    from libtarpit.stats import network_of
+
+    assert network_of("192.0.2.45") == "192.0.2.0/24"
+    assert network_of("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert network_of("::ffff:192.0.2.45") == "192.0.2.0/24"
+    assert network_of("fe80::1%eth0") == "fe80::/64"
+    assert network_of("-") == network_of(None) == network_of("192.0.2.999") == "-"
+
+
+def test_error_lines_by_what_and_greylist_store_errors(tmp_path):
+    readonly = "sqlite /var/lib/tarpit-smtpd/greylist.sqlite: attempt to write a readonly database"
+    lines = []
+    for conn in range(1, 6):  # the store fails on every call: twice per connection
+        lines += [line(conn, "connect"),
+                  line(conn, "error", what="greylist", detail=readonly),
+                  line(conn, "error", what="greylist", detail=readonly),
+                  line(conn, "end", reason="backend_closed", duration=1.2)]
+    lines += [
+        line(6, "error", what="greylist",
+             detail="redis redis://127.0.0.1:1/0: Error 111 connecting to 127.0.0.1:1. Connection refused."),
+        line(7, "error", "-", what="rdns", detail="timeout"),
+        line(8, "error", "normal", what="backend", detail="closed in mid-session"),
+        line(9, "error", "normal", what="backend", detail="exited with status 1"),
+    ]
+    log = write(tmp_path / "log", lines)
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    errors = section(done.stdout.decode(), "Errors")
+    assert re.findall(r"^  (\w+)\s+(\d+)$", errors, re.M) == [
+        ("greylist", "11"), ("backend", "2"), ("rdns", "1")]
+    assert "greylist store errors: 11 lines in 6 connections" in errors
+    assert re.search(r'^\s+10 x "sqlite \S+: attempt to write a readonly database"$', errors, re.M)
+    data = json.loads(tarpitctl("--json", log).stdout)["errors"]
+    assert data["total"] == 14 and data["greylist"] == 11 and data["greylist_connections"] == 6
+    assert data["by_what"] == [{"what": "greylist", "count": 11}, {"what": "backend", "count": 2},
+                               {"what": "rdns", "count": 1}]
+    assert data["greylist_details"][0] == {"detail": readonly, "count": 10}
+
+
+def test_empty_sections_and_seed_log(tmp_path):
+    log = write(tmp_path / "log", seed_log(SEED_A_ROWS[:2]))
+    text = tarpitctl(log).stdout.decode()
+    assert re.search(r"^ended\s+0$", text, re.M)
+    assert re.search(r"^failed\s+0$", section(text, "AUTH"), re.M)
+    assert section(text, "Errors").endswith("  (none)")
+
+
+def test_client_text_in_auth_and_errors_is_printed_escaped(tmp_path):
+    log = write(tmp_path / "log", [
+        'tarpit-smtpd conn=1 pid=1 ip=192.0.2.1 event=auth mech="\x1b[2J' + "X" * 60 + '" result=fail code=535',
+        'tarpit-smtpd conn=2 pid=2 ip="\x1b]0;pwned\x07" event=auth mech=PLAIN result=fail code=535',
+        'tarpit-smtpd conn=3 pid=3 event=error what=greylist detail="\x1b[31m' + "y" * 300 + '"',
+        'tarpit-smtpd conn=4 pid=4 event=error what="\x1b[1mweird"',
+    ])
+    done = tarpitctl(log)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "\x1b" not in text and "\x07" not in text
+    assert re.search(r"^  \?\[2JX+\.\.\.\s+1\s+0$", text, re.M)   # mechanism, capped
+    assert re.search(r"^  -\s+1\s+0$", section(text, "AUTH"), re.M)   # not an address
+    assert re.search(r'^\s+1 x "\?\[31my+\.\.\."$', text, re.M)
+    assert re.search(r"^  \?\[1mweird\s+1$", text, re.M)

@@ -1,4 +1,4 @@
-"""tarpitctl stats: seed 000's give-up table and seed 001's funnel from logs.
+"""tarpitctl stats: seed 000's give-up table, seed 001's funnel, TLS, AUTH and errors from logs.
 
   tarpitctl stats [--bucket 10] [--since WHEN] [--json] [--png FILE] LOGFILE...
 
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", metavar="WHEN",
                         help="only lines from WHEN on: 2026-11-01, '2026-11-01 12:00', 7d, 12h")
     parser.add_argument("--top", type=int, default=10, metavar="N",
-                        help="how many reasons to list (default 10)")
+                        help="how many reasons, error kinds and AUTH-failing networks "
+                             "to list (default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--png", metavar="FILE",
                         help="draw the histogram and cumulative curve (needs matplotlib)")
