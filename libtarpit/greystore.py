@@ -28,6 +28,7 @@ from libtarpit.values import value
 
 TYPE_CHECKING = False  # typing and dataclasses would add ~4 MB to every tarpitted connection
 if TYPE_CHECKING:
+    import sqlite3
     from typing import Any, Iterator
 
 from libtarpit.errors import StoreError

@@ -24,7 +24,7 @@ import re
 from collections import deque
 
 from . import smtp
-from .actions import SendBackend, SendClient
+from .actions import SendBackend
 
 MAX_BUFFER = 65536
 _DATA_END = re.compile(rb"\r\n\.\r\n")

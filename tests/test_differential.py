@@ -34,7 +34,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ import pytest
 
 from conftest import Server, free_port, need
 from qmail_backend import qmail_smtpd  # noqa: F401  (a fixture)
-from test_exim_backend import EXIM, TEMPLATE, Exim
+from test_exim_backend import EXIM, Exim, make_exim_root
 
 DYNAMIC = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
 RCPTUSERS = {"bob", "postmaster"}
@@ -422,24 +421,7 @@ def exim_setup() -> Exim:
     """test_exim_backend's exim fixture, for a whole module, logging recipients and subjects."""
     if not os.path.exists(EXIM):
         need(EXIM)
-    import pwd
-
-    root = Path(tempfile.mkdtemp(prefix="tarpit-exim-diff-"))
-    root.chmod(0o755)
-    conf = "log_selector = +received_recipients +subject\n" + TEMPLATE.read_text().replace("@ROOT@", str(root))
-    (root / "exim.conf").write_text(conf)
-    (root / "exim.conf").chmod(0o644)
-    dirs = [root / sub for sub in ("spool", "log", "Maildir")]
-    for d in dirs:
-        d.mkdir()
-    out = subprocess.run([EXIM, "-C", str(root / "exim.conf"), "-bP", "exim_user"],
-                         capture_output=True, text=True, timeout=30)
-    m = re.search(r"exim_user = (\S+)", out.stdout)
-    assert m, f"exim cannot read its test config: {out.stdout}{out.stderr}"
-    user = pwd.getpwnam(m.group(1))
-    for d in dirs:
-        for path in [d, *d.rglob("*")]:
-            os.chown(path, user.pw_uid, user.pw_gid)
+    root = make_exim_root("tarpit-exim-diff-", head="log_selector = +received_recipients +subject\n")
     return Exim(root)
 
 

@@ -87,6 +87,36 @@ class Exim:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def make_exim_root(prefix: str, template: Path = TEMPLATE, head: str = "", subdirs=("spool", "log", "Maildir"),
+                   fill=None) -> Path:
+    """A new directory with exim.conf from `template` (after `head`) and `subdirs` owned by the Exim user.
+
+    Not under tmp_path: pytest's base directory is mode 0700 root, and exim does
+    its reception and (having given up root because of -C) its delivery as the
+    Exim user, which must reach the config, spool and Maildir.  `fill(root)` runs
+    after the subdirectories exist and before they are handed over.  The caller
+    removes the directory.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    (root / "exim.conf").write_text(head + template.read_text().replace("@ROOT@", str(root)))
+    (root / "exim.conf").chmod(0o644)
+    dirs = [root / sub for sub in subdirs]
+    for d in dirs:
+        d.mkdir()
+    if fill is not None:
+        fill(root)
+    out = subprocess.run([EXIM, "-C", str(root / "exim.conf"), "-bP", "exim_user"],
+                         capture_output=True, text=True, timeout=30)
+    m = re.search(r"exim_user = (\S+)", out.stdout)
+    assert m, f"exim cannot read its test config: {out.stdout}{out.stderr}"
+    user = pwd.getpwnam(m.group(1))
+    for d in dirs:  # with whatever exim -bP made in them as root
+        for path in [d, *d.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+    return root
+
+
 @pytest.fixture
 def exim(tmp_path):
     """A private exim setup; no system configuration beyond the installed package.
@@ -97,22 +127,8 @@ def exim(tmp_path):
     """
     if not os.path.exists(EXIM):
         need(EXIM)  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
-    root = Path(tempfile.mkdtemp(prefix="tarpit-exim-"))
+    root = make_exim_root("tarpit-exim-")
     try:
-        root.chmod(0o755)
-        (root / "exim.conf").write_text(TEMPLATE.read_text().replace("@ROOT@", str(root)))
-        (root / "exim.conf").chmod(0o644)
-        dirs = [root / sub for sub in ("spool", "log", "Maildir")]
-        for d in dirs:
-            d.mkdir()
-        out = subprocess.run([EXIM, "-C", str(root / "exim.conf"), "-bP", "exim_user"],
-                             capture_output=True, text=True, timeout=30)
-        m = re.search(r"exim_user = (\S+)", out.stdout)
-        assert m, f"exim cannot read its test config: {out.stdout}{out.stderr}"
-        user = pwd.getpwnam(m.group(1))
-        for d in dirs:  # with whatever exim -bP made in them as root
-            for path in [d, *d.rglob("*")]:
-                os.chown(path, user.pw_uid, user.pw_gid)
         (tmp_path / "exim").symlink_to(root)
         yield Exim(root)
     finally:

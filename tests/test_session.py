@@ -11,7 +11,6 @@ from libtarpit import control, smtp
 from libtarpit.config import DEFAULTS, load_config
 from libtarpit.session import (Close, Exec, Lists, Log, PHASES, TRANSITIONS, SendBackend, SendClient,
                                Session, Sleep, StartBackend, classify)
-from libtarpit.session import LocalError
 from libtarpit.sleep import Outcome, SleepResult
 
 NORMAL = classify("192.0.2.1", "mail.example.org", relayclient=False, verdict=None, key="192.0.2.0/24")

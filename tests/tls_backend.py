@@ -29,19 +29,16 @@ What the exim backend does with TLS, found by trying on Debian's exim 4.96
 from __future__ import annotations
 
 import os
-import pwd
-import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import cmdline, need
-from test_exim_backend import EXIM, RULES, Exim
+from test_exim_backend import EXIM, RULES, Exim, make_exim_root
 
 TEMPLATE = Path(__file__).parent / "exim" / "exim-tls.conf.in"
 USER, PASSWORD = "alice", "s3cret"
@@ -90,23 +87,9 @@ def exim_tls(tmp_path):
     """
     if not os.path.exists(EXIM):
         need(EXIM)
-    root = Path(tempfile.mkdtemp(prefix="tarpit-exim-tls-"))
+    root = make_exim_root("tarpit-exim-tls-", TEMPLATE, subdirs=("spool", "log", "Maildir", "tls"),
+                          fill=lambda r: make_cert(r / "tls"))
     try:
-        root.chmod(0o755)
-        (root / "exim.conf").write_text(TEMPLATE.read_text().replace("@ROOT@", str(root)))
-        (root / "exim.conf").chmod(0o644)
-        dirs = [root / sub for sub in ("spool", "log", "Maildir", "tls")]
-        for d in dirs:
-            d.mkdir()
-        make_cert(root / "tls")
-        out = subprocess.run([EXIM, "-C", str(root / "exim.conf"), "-bP", "exim_user"],
-                             capture_output=True, text=True, timeout=30)
-        m = re.search(r"exim_user = (\S+)", out.stdout)
-        assert m, f"exim cannot read its test config: {out.stdout}{out.stderr}"
-        user = pwd.getpwnam(m.group(1))
-        for d in dirs:
-            for path in [d, *d.rglob("*")]:
-                os.chown(path, user.pw_uid, user.pw_gid)
         (root / "tls" / "key.pem").chmod(0o600)
         # the wrapper's copy stays root's, as a servercert.pem would be on a real host
         os.chown(root / "tls" / "servercert.pem", 0, 0)
