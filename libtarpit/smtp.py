@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from .text import printable as _printable
 from .values import value
 
 MAX_LINE = 4096
@@ -154,11 +155,11 @@ class ReplyParser:
 
 
 def printable(text: str | bytes, limit: int = MAX_ECHO) -> str:
-    """Return client text capped to `limit` characters with non-printables as '?'."""
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
-    text = re.sub(r"[^\x20-\x7e]", "?", text)
-    return text[:limit] + ("..." if len(text) > limit else "")
+    """Return client text capped to `limit` characters with non-printables as '?'.
+
+    libtarpit.text.printable with the cap of text we echo in replies.
+    """
+    return _printable(text, limit)
 
 
 def reply(code: int, *texts: str) -> bytes:

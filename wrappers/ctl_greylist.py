@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 import sys
 import time
 from datetime import datetime, timezone
 
 from libtarpit.errors import StoreError
+from libtarpit.text import printable
 from libtarpit.greylist import (
     Greylist,
     GreylistParams,
@@ -37,7 +37,7 @@ from libtarpit.greylist import (
 
 DEFAULT_STORE = "/var/lib/tarpit-smtpd/greylist.sqlite"
 DEFAULT_WHITELIST_SECONDS = 35 * 86400
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+MAX_FIELD = 512  # records hold at most 256 characters (greylist.MAX_ADDRESS); keys are shorter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +97,8 @@ def _iso(ts: float) -> str:
 
 
 def _field(text: str) -> str:
-    return _UNPRINTABLE.sub("?", text)
+    # tab-separated output: a space or tab inside a field would split it
+    return printable(text, MAX_FIELD).replace(" ", "?")
 
 
 def format_record(rec: Record) -> str:

@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(USAGE)
         return 100
     opts, program = parsed
-    env = os.environ
+    env = dict(os.environ)  # read once: the log fields and admission use this copy
     pid = os.getpid()
     log = EventLog(sys.stderr, {
         "conn": f"{int(time.time() * 1000) % 10**10:x}.{pid}", "pid": pid,
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     session = None
     try:
-        made = setup(opts, dict(env), log, program)
+        made = setup(opts, env, log, program)
         if isinstance(made, int):
             return made
         session, slot, tls_files = made
