@@ -7,12 +7,17 @@ postmaster's tcp.smtp does.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import pwd
 import re
 import shutil
 import signal
+import site
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +55,7 @@ class Server:
     maildir: Path
     control: Path
     state: Path
+    user: str | None = None  # tcpserver -u/-g: the wrapper and its backend run as this user
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace")
@@ -83,17 +89,146 @@ class Server:
         return s
 
 
+def _requirement_name(req: str) -> str | None:
+    """The distribution a Requires-Dist line needs here, or None (an extra, or a marker that is false)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - packaging ships with pip/setuptools
+        return None if "extra ==" in req else re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
+    r = Requirement(req)
+    if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+        return None
+    return r.name
+
+
+def _installed(name: str) -> importlib.metadata.Distribution | None:
+    """The distribution `name` as installed in site-packages: what the console scripts run.
+
+    Not importlib.metadata.distribution(name): with the working directory on sys.path
+    (`python3 -m pytest` from the tree) that may find a build's egg-info in the tree.
+    """
+    found = list(importlib.metadata.distributions(name=name, path=[*site.getsitepackages(),
+                                                                     site.getusersitepackages()]))
+    return found[0] if found else None
+
+
+def _copy_distribution_closure(top: str, site_dir: Path) -> None:
+    """Copy the installed files of `top` and everything it requires into the directory `site_dir`."""
+    seen: set[str] = set()
+    todo = [top]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = _installed(name)
+        if dist is None:
+            continue
+        todo.extend(n for n in map(_requirement_name, dist.requires or []) if n)
+        for f in dist.files or []:
+            if ".." in f.parts or "__pycache__" in f.parts:
+                continue
+            src = Path(dist.locate_file(f))
+            if src.is_file():
+                dst = site_dir / f
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+
+
+def _runs_as(uid: int, gid: int, argv: list[str], env: dict[str, str] | None = None) -> bool:
+    try:
+        done = subprocess.run(argv, user=uid, group=gid, extra_groups=[], cwd="/", env=env,
+                              capture_output=True, timeout=60)
+    except OSError:  # cannot even exec it (a 0700 directory on the way)
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def user_python():
+    """Session cache: user name -> a bin directory (or None) from which that user can run our programs."""
+    made: dict[str, Path | None] = {}
+    dirs: list[str] = []
+    probe = "import libtarpit.session, tarpit_wrappers.tarpit_smtpd, tarpit_wrappers.sink"
+
+    def for_user(user: str) -> Path | None:
+        if user in made:
+            return made[user]
+        pw = pwd.getpwnam(user)
+        if _runs_as(pw.pw_uid, pw.pw_gid, [sys.executable, "-c", probe]):
+            made[user] = None  # this interpreter and PATH work for the user as they are
+            return None
+        want = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        bases = [b for b in (shutil.which(want, path="/usr/bin:/usr/local/bin"),) if b]
+        if not bases or not _runs_as(pw.pw_uid, pw.pw_gid, [bases[0], "-c", "pass"]):
+            msg = f"user {user} cannot run {sys.executable} and there is no system {want} it can run"
+            if os.environ.get("TARPIT_REQUIRE_ALL"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        root = Path(tempfile.mkdtemp(prefix="tarpit-userpy-", dir="/tmp"))
+        dirs.append(str(root))
+        os.chmod(root, 0o755)
+        venv = root / "venv"
+        subprocess.run([bases[0], "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+        [site_dir] = venv.glob("lib/python*/site-packages")
+        _copy_distribution_closure("tarpit-smtpd", site_dir)
+        for ep in _installed("tarpit-smtpd").entry_points:
+            if ep.group == "console_scripts":
+                script = venv / "bin" / ep.name
+                script.write_text(f"#!{venv}/bin/python3\nimport sys\nfrom {ep.module} import {ep.attr}\n"
+                                  f"sys.exit({ep.attr}())\n")
+                script.chmod(0o755)
+        subprocess.run(["chmod", "-R", "a+rX,go-w", str(root)], check=True)
+        done = subprocess.run([venv / "bin" / "python3", "-c", probe], user=pw.pw_uid, group=pw.pw_gid,
+                              extra_groups=[], cwd="/", capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            pytest.fail(f"the virtualenv for user {user} at {venv} cannot import tarpit-smtpd:\n{done.stderr}")
+        made[user] = venv / "bin"
+        return made[user]
+
+    yield for_user
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
-def tarpit_server(tmp_path):
-    """Factory: start tcpserver with `rules` (tcprules text) running `command`; stopped at teardown."""
+def tarpit_server(tmp_path, request):
+    """Factory: start tcpserver with `rules` (tcprules text) running `command`; stopped at teardown.
+
+    `concurrency`: tcpserver's `-c` (and `-b`, its SYN backlog) instead of its default 40.
+    `user` (e.g. "nobody"): run unprivileged, the way a postmaster runs it: `tcpserver -u UID
+    -g GID`, so the wrapper and its backend run as that user, and:
+
+    - the server's files are in a fresh directory under /tmp (pytest's own is root-only),
+      root-owned and not writable by the user: control dir and its files readable (0755/0644),
+      rules.cdb readable, server.log opened by root before tcpserver starts;
+    - the state dir (TARPIT_STATE_DIR, the SQLite greylist in it) is owned by the user, 0700:
+      the only place the wrapper may write;
+    - the Maildir is owned by the user too: it is the backend's output, not the wrapper's
+      (qmail-queue's setuid stand-in), and `tarpit-sink` runs as the user;
+    - if the user cannot run this interpreter (here: pyenv under a 0700 /root), the wrapper
+      runs from a small virtualenv on a system python3 of the same minor version, holding a
+      copy of the installed tarpit-smtpd distribution and its dependencies
+      (`user_python`), put first on PATH.
+    """
     need("tcpserver")
     need("tcprules")
     started: list[subprocess.Popen] = []
+    private: list[Path] = []
 
     def start(rules: str, command: list[str] | None = None, env: dict[str, str] | None = None,
-              control_files: dict[str, str] | None = None) -> Server:
-        base = tmp_path / f"server{len(started)}"  # several servers in one test (two MX hosts)
-        base.mkdir()
+              control_files: dict[str, str] | None = None, *, concurrency: int | None = None,
+              user: str | None = None) -> Server:
+        if user is None:
+            base = tmp_path / f"server{len(started)}"  # several servers in one test (two MX hosts)
+            base.mkdir()
+        else:
+            bindir = request.getfixturevalue("user_python")(user)
+            pw = pwd.getpwnam(user)
+            base = Path(tempfile.mkdtemp(prefix=f"tarpit-{user}-", dir="/tmp"))
+            private.append(base)
+            os.chmod(base, 0o755)
         control = base / "control"
         control.mkdir()
         for name, text in (control_files or {}).items():
@@ -112,12 +247,27 @@ def tarpit_server(tmp_path):
         full_env = dict(os.environ, TARPIT_CONTROL=str(control),
                         TARPIT_GREYLIST_URL=str(state / "greylist.sqlite"), TARPIT_STATE_DIR=str(state))
         full_env.pop("TARPIT_CONFIG", None)
+        flags = []
+        if concurrency is not None:
+            flags += ["-c", str(concurrency), "-b", str(concurrency)]
+        if user is not None:
+            flags += ["-u", str(pw.pw_uid), "-g", str(pw.pw_gid)]
+            if bindir is not None:
+                full_env["PATH"] = f"{bindir}:{full_env.get('PATH', '/usr/bin:/bin')}"
+            full_env["HOME"] = "/nonexistent"
+            for p in [base, *base.rglob("*")]:
+                os.chown(p, 0, 0)
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            for p in (state, maildir, *(maildir / sub for sub in ("tmp", "new", "cur"))):
+                p.mkdir(exist_ok=True)  # a Maildir that exists is not made up by mailbox.Maildir
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+                os.chmod(p, 0o700)
         full_env.update(env or {})
         logfile = base / "server.log"
         log = open(logfile, "ab")
         started.append(None)  # reserve the number before starting
         proc = subprocess.Popen(
-            ["tcpserver", "-vRHl0", "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command],
+            ["tcpserver", "-vRHl0", *flags, "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command],
             stdout=log, stderr=log, env=full_env, start_new_session=True)
         started[-1] = proc
         deadline = time.monotonic() + 10
@@ -125,7 +275,7 @@ def tarpit_server(tmp_path):
             if b"status: 0/" in logfile.read_bytes():
                 break
             time.sleep(0.02)
-        return Server(port, proc, logfile, maildir, control, state)
+        return Server(port, proc, logfile, maildir, control, state, user)
 
     yield start
     for proc in started:
@@ -134,6 +284,8 @@ def tarpit_server(tmp_path):
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
+    for base in private:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def recv_reply(sock: socket.socket) -> bytes:
