@@ -1,11 +1,18 @@
 #!/bin/sh
 # The README's demo: tarpit-smtpd in front of a real SMTP backend (tarpit-sink, delivering to a
 # Maildir) under a real tcpserver on 127.0.0.1.  A well-behaved client delivers; a bot with a
-# dynamic-looking reverse name is tarpitted at RCPT and gives up.  Set TARPIT_DEMO_NO_SETUP=1 to
-# skip the install step.
+# dynamic-looking reverse name is tarpitted at RCPT and gives up.  It runs what scripts/setup.sh
+# installed: the venv $TARPIT_PREFIX (/opt/tarpit-smtpd) and its programs linked in $TARPIT_BINDIR
+# (/usr/local/bin).  Set TARPIT_DEMO_NO_SETUP=1 to skip the install step.
 set -eu
 cd "$(dirname "$0")/.."
 [ -n "${TARPIT_DEMO_NO_SETUP:-}" ] || sh scripts/setup.sh
+prefix=${TARPIT_PREFIX:-/opt/tarpit-smtpd}
+bindir=${TARPIT_BINDIR:-/usr/local/bin}
+python="$prefix/bin/python"
+[ -x "$python" ] || { echo "demo.sh: no venv in $prefix: run sh scripts/setup.sh" >&2; exit 1; }
+PATH="$bindir:$PATH"
+export PATH
 dir=$(mktemp -d /tmp/tarpit-demo.XXXXXX)
 mkdir "$dir/control"
 cp control-examples/s25r-allow "$dir/control/"
@@ -16,7 +23,7 @@ cat > "$dir/tcp.smtp" <<'RULES'
 :allow
 RULES
 tcprules "$dir/tcp.smtp.cdb" "$dir/tcp.smtp.tmp" < "$dir/tcp.smtp"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 echo "== $dir"
 echo "\$ tcpserver -vRHl0 -x tcp.smtp.cdb 127.0.0.1 $port tarpit-smtpd tarpit-sink Maildir"
 TARPIT_CONTROL="$dir/control" TARPIT_GREYLIST_URL="$dir/greylist.sqlite" \
@@ -25,7 +32,7 @@ TARPIT_CONTROL="$dir/control" TARPIT_GREYLIST_URL="$dir/greylist.sqlite" \
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 sleep 0.5
-python3 scripts/demo_clients.py "$port"
+"$python" scripts/demo_clients.py "$port"
 sleep 0.3
 echo
 echo "== the log (one line per event):"

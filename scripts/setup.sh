@@ -1,11 +1,70 @@
 #!/bin/sh
-# Installs what tarpit-smtpd, its demo and its tests need on a fresh Debian/Ubuntu machine (run as root):
-# Debian packages for the real components the tests start, then this distribution with its Python deps.
+# Installs tarpit-smtpd, and what its demo and tests need, on a Debian/Ubuntu machine (run as root):
+#   1. Debian packages: the real components the tests start, and python3-venv;
+#   2. a virtual environment at $TARPIT_PREFIX (default /opt/tarpit-smtpd), made from Debian's own
+#      /usr/bin/python3 (Debian's python3 refuses a system-wide pip install: PEP 668), with this
+#      source tree installed into it (a regular install, not editable) with the extras [test,plot];
+#   3. links in $TARPIT_BINDIR (default /usr/local/bin) to its programs tarpit-smtpd, tarpitctl and
+#      tarpit-sink: tcpserver run files and the tests find them there.
+# Running it again upgrades in place (docs/deployment.md: Install, Upgrade, Uninstall).
+# TARPIT_PYTHON picks another interpreter for the venv (Python >= 3.11; default /usr/bin/python3).
 set -eu
+umask 022   # the venv must be readable by the user tcpserver runs the wrapper as (qmaild)
 cd "$(dirname "$0")/.."
+src=$(pwd)
+prefix=${TARPIT_PREFIX:-/opt/tarpit-smtpd}
+bindir=${TARPIT_BINDIR:-/usr/local/bin}
+python=${TARPIT_PYTHON:-/usr/bin/python3}
+programs="tarpit-smtpd tarpitctl tarpit-sink"
+packages="ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl python3 python3-venv"
+
 if command -v apt-get >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl >/dev/null
+    missing=
+    for p in $packages; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        # wait for a concurrent apt/dpkg instead of failing at once
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq $packages >/dev/null
+    fi
 fi
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore ".[test,plot]"
+
+[ -x "$python" ] || { echo "setup.sh: $python not found (Debian: apt-get install python3 python3-venv)" >&2; exit 1; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { echo "setup.sh: tarpit-smtpd needs Python >= 3.11; $python is $("$python" -V 2>&1)" >&2; exit 1; }
+
+mkdir -p "$(dirname "$prefix")" "$bindir"
+# One install at a time (two test runs started together would otherwise race in the venv).
+exec 9>"${TMPDIR:-/tmp}/tarpit-smtpd-setup.lock"
+flock 9
+
+# (Re)create the venv unless it is there, works, and was made from $python; an existing good one
+# is kept, and the install below upgrades it in place.
+if ! { [ -x "$prefix/bin/python" ] && "$prefix/bin/python" -c 'import sys' 2>/dev/null &&
+       [ "$(readlink -f "$prefix/bin/python")" = "$(readlink -f "$python")" ]; }; then
+    echo "setup.sh: creating the venv $prefix from $python"
+    "$python" -m venv --clear "$prefix"
+fi
+
+# Build from a clean copy of the work tree: pip builds a local directory in place, and a stale
+# build/ there could install modules that no longer exist in the tree.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+tar -C "$src" --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude=./.hypothesis --exclude=./.pytest_cache --exclude=./.venv -cf - . |
+    tar -C "$tmp" -xf -
+# pip reinstalls a package given as a directory even when its version number did not change, so the
+# tree's code is what gets installed; a dependency changes only when the tree asks for a newer one.
+"$prefix/bin/python" -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+    --upgrade "$tmp[test,plot]"
+
+for p in $programs; do
+    [ -x "$prefix/bin/$p" ] || { echo "setup.sh: $prefix/bin/$p missing after the install" >&2; exit 1; }
+    if [ -e "$bindir/$p" ] && [ ! -L "$bindir/$p" ]; then
+        echo "setup.sh: replacing $bindir/$p (not a link: an older install?) with a link to $prefix/bin/$p"
+    fi
+    ln -sfn "$prefix/bin/$p" "$bindir/$p"
+done
+echo "setup.sh: installed $("$prefix/bin/python" -m pip show tarpit-smtpd 2>/dev/null | sed -n 's/^Version: //p') in $prefix; $programs linked in $bindir"
