@@ -39,7 +39,6 @@ libtarpit.errors.StoreError from every method that touches the store; the caller
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 
@@ -47,6 +46,7 @@ from libtarpit.values import value
 
 TYPE_CHECKING = False  # typing and dataclasses would add ~4 MB to every tarpitted connection
 if TYPE_CHECKING:
+    import ipaddress
     from typing import Protocol
 
 from libtarpit.errors import StoreError
@@ -168,6 +168,12 @@ def client_key(ip: str, confirmed_name: str | None, params: GreylistParams) -> s
     spell the IP (a dynamic-looking name would lump a whole access pool together).
     Raises ValueError when `ip` is not an IP address.
     """
+    if params.key == "net" or not confirmed_name:
+        net = _ipv4_network(ip.strip(), params.ipv4_prefix)
+        if net is not None:
+            return net
+    import ipaddress
+
     addr = ipaddress.ip_address(ip.strip())
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
@@ -177,6 +183,22 @@ def client_key(ip: str, confirmed_name: str | None, params: GreylistParams) -> s
             return name
     prefix = params.ipv4_prefix if addr.version == 4 else params.ipv6_prefix
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+def _ipv4_network(ip: str, prefix: int) -> str | None:
+    """"192.0.2.77", 24 -> "192.0.2.0/24" without importing ipaddress (1.8 ms and 0.25 MB on every
+    greylisted connection); None for anything but a dotted quad ipaddress would accept."""
+    parts = ip.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and p.isascii() and (p == "0" or p[0] != "0") and len(p) <= 3
+                                  for p in parts):
+        return None
+    n = 0
+    for p in parts:
+        if int(p) > 255:
+            return None
+        n = n << 8 | int(p)
+    n &= (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/{prefix}"
 
 
 def _name_key(name: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:

@@ -512,3 +512,25 @@ def test_the_store_decides_on_the_callers_clock_only(store_url, monkeypatch):
     assert g.check(C, "x@y", R, T0 + 1302 + 3600) == Decision("tarpit", "first_contact")
     assert {kind for kind, *_ in records(g, T0 + 1302 + 3600)} == {"pass"}
     assert g.purge(T0 + 40 * DAY) == 2  # the passed triple and the expired whitelist record
+
+
+from hypothesis import given as _given, strategies as _st  # noqa: E402
+
+
+@_given(_st.integers(0, 2**32 - 1), _st.integers(0, 32))
+def test_ipv4_network_keys_match_ipaddress_without_importing_it(n, prefix):
+    import ipaddress
+
+    from libtarpit.greylist import GreylistParams, client_key
+
+    ip = str(ipaddress.IPv4Address(n))
+    want = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    assert client_key(ip, None, GreylistParams(ipv4_prefix=prefix)) == want
+
+
+@pytest.mark.parametrize("bad", ["01.2.3.4", "1.2.3", "256.1.1.1", "1..3.4", "\u0661.2.3.4"])
+def test_addresses_ipaddress_refuses_are_still_refused(bad):
+    from libtarpit.greylist import GreylistParams, client_key
+
+    with pytest.raises(ValueError):
+        client_key(bad, None, GreylistParams())
