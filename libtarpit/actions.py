@@ -6,7 +6,7 @@ Public names:
   Sleep         sleep `seconds` watching the client; feed the SleepResult to Session.sleep_done
   StartBackend  start the backend on a socketpair; relay from now on
   Exec          replace this process with the backend on the client's fds (fast path)
-  StartTLS      start a TLS server handshake on the client connection; feed Session.tls_done
+  StartTLS      load the certificate, send our 220, run the TLS handshake; feed Session.tls_done
   Passthrough   from now on copy bytes both ways unread, until either side closes
   Close         close both sides and exit with `status`; write the `end` line last
   Log           write log line `event` with `fields`, a tuple of (key, value) pairs
@@ -53,8 +53,12 @@ class Exec(value("Exec", "")):
     __slots__ = ()
 
 
-class StartTLS(value("StartTLS", "")):
-    """Run a TLS server handshake on the client side; report with tls_done(ok, detail)."""
+class StartTLS(value("StartTLS", "reply")):
+    """Load the certificate; if it loads, send `reply` (our 220) and run the TLS server handshake.
+
+    Report with tls_done(ok, detail); a certificate that does not load is reported with
+    detail "certificate: ..." and `reply` is not sent (the session answers 454 instead).
+    """
 
     __slots__ = ()
 

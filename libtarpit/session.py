@@ -15,8 +15,8 @@ Driver protocol.  The driver owns every socket, process and clock.  It calls
 `sleep_done`, `tls_done`, `timeout`, `client_gone`, `fail`, and carries out the
 returned actions in order.  A `Sleep` means: run a disconnect-aware sleep on the
 client and hand the result to `sleep_done`; nothing else is fed meanwhile.  A
-`StartTLS` means: after the replies before it have gone out, run the TLS
-handshake on the client and call `tls_done`.  The driver reads the client only
+`StartTLS` means: load the certificate, send its reply (our 220) after the
+replies before it, run the TLS handshake on the client and call `tls_done`.  The driver reads the client only
 while `wants_client()` and waits no longer than `deadline()`.  `Close` carries
 the `end` line, which the driver writes after the backend has exited.
 
@@ -89,6 +89,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("bdat_body", "end"): "command",
     ("command", "tls"): "tls",               # our 220 to STARTTLS: handshake next
     ("tls", "secured"): "command",
+    ("tls", "unavailable"): "command",       # our certificate did not load: 454, plaintext goes on
     ("command", "passthrough"): "passthrough",  # the backend's 220 to STARTTLS: bytes only
     **{(p, "close"): "closed" for p in ("greet", "starting", "command", "sleeping", "data_wait",
                                         "data_body", "bdat_body", "tls", "passthrough")},
@@ -115,6 +116,7 @@ NO_MAIL = smtp.reply(503, "5.5.1 Bad sequence of commands: MAIL first")
 IN_TXN = smtp.reply(503, "5.5.1 Bad sequence of commands: not inside a mail transaction")
 TLS_ACTIVE = smtp.reply(503, "5.5.1 TLS already active")
 TLS_READY = smtp.reply(220, "2.0.0 Ready to start TLS")
+TLS_UNAVAILABLE = smtp.reply(454, "4.7.0 TLS not available due to temporary reason")
 TOO_MANY_RCPTS = smtp.reply(452, "4.5.3 Too many recipients")
 NO_BANNER = smtp.reply(421, "4.3.0 Service temporarily unavailable, please try again later")
 BACKEND_GONE = smtp.reply(421, "4.3.0 Service not available, closing connection")
@@ -145,6 +147,7 @@ class Session:
         self._relay = Relay(self._out)
         self._proxy = proxy
         self._tls_offer = tls       # we terminate STARTTLS ourselves (a certificate is configured)
+        self._tls_ours = tls        # ... so the backend's STARTTLS is never the client's, even if ours broke
         self.tls = False            # the client side is encrypted (terminated here or passed through)
         self.authenticated = False
         self._auth_mech = ""
@@ -197,9 +200,16 @@ class Session:
         if self.phase != "tls":
             raise LocalError(f"tls_done in phase {self.phase}")
         self._last = now
+        if not ok and detail.startswith("certificate:"):
+            # ours, not the client's: an error line, 454, and the session goes on in plaintext
+            # without offering STARTTLS again (RFC 3207's answer for a server that cannot)
+            self._log("error", what="tls", detail=smtp.printable(detail))
+            self._tls_offer = False
+            self._goto("unavailable")
+            self._local(TLS_UNAVAILABLE)
+            self._run(now)
+            return self._flush()
         if not ok:
-            if detail.startswith("certificate:"):  # ours, not the client's: an error line
-                self._log("error", what="tls", detail=smtp.printable(detail))
             self._log("tls_failed", detail=smtp.printable(detail))
             self._close("tls_failed")
             return self._flush()
@@ -539,11 +549,17 @@ class Session:
             return self._local(TLS_ACTIVE, error=True)
         if self._sender is not None:
             return self._local(IN_TXN, error=True)
+        if self._tls_ours and not self._tls_offer:
+            return self._local(TLS_UNAVAILABLE, error=True)
         if self._tls_offer:
-            self._local(TLS_READY)
+            if self._relay.owed():
+                # our 220 and the handshake come after every reply owed for earlier commands
+                self._relay.inbuf.feed(line, front=True)
+                self._stalled = True
+                return
             self._discard_injected()
             self._goto("tls")
-            self._out.append(StartTLS())
+            self._out.append(StartTLS(TLS_READY))
             return
         if self.policy.tarpit_before_tls and self._want_tarpit():
             # pass-through: after the backend's 220 we see nothing, so the tarpit runs now
@@ -747,9 +763,9 @@ class Session:
         if self.policy.hide_pipelining:
             hide += [b"PIPELINING", b"PIPECONNECT"]  # PIPECONNECT (exim) presumes PIPELINING
         add: list[bytes] = []
-        if self._tls_offer:
+        if self._tls_ours:
             hide.append(b"STARTTLS")  # ours, not the backend's
-            if not self.tls:
+            if self._tls_offer and not self.tls:
                 add.append(b"STARTTLS")
         if not hide and not add:
             return r.raw

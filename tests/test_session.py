@@ -481,8 +481,8 @@ def test_starttls_terminated_here_drops_injected_plaintext():
     ehlo = sent_client(s.backend_data(b"250-backend\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 1.0))
     assert ehlo == b"250-backend\r\n250-8BITMIME\r\n250 STARTTLS\r\n", "our STARTTLS, not the backend's"
     acts = s.client_data(b"STARTTLS\r\nRSET\r\n", 1.0)
-    assert sent_client(acts) == b"220 2.0.0 Ready to start TLS\r\n" and sent_backend(acts) == b""
-    assert isinstance(acts[-1], StartTLS) and "tls_injection" in events(acts)
+    assert acts[-1] == StartTLS(b"220 2.0.0 Ready to start TLS\r\n") and sent_backend(acts) == b""
+    assert "tls_injection" in events(acts)
     acts = s.tls_done(True, "TLSv1.3", 1.5)
     assert events(acts) == ["tls"] and sent_backend(acts) == b"", "the RSET never runs"
     acts = s.client_data(b"EHLO client.example\r\n", 2.0)
@@ -490,6 +490,34 @@ def test_starttls_terminated_here_drops_injected_plaintext():
     ehlo = sent_client(s.backend_data(b"250-backend\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 2.0))
     assert b"STARTTLS" not in ehlo
     assert closed(s.client_data(b"", 3.0)).fields[-1] == ("tls", 1)
+
+
+def tls_session() -> Session:
+    s = Session(SUSPICIOUS, SUSP._replace(tarpit=0.0), Lists(), None, 0.0, proxy=True, tls=True)
+    s.start()
+    s.backend_data(BANNER, 0.0)
+    return s
+
+
+def test_starttls_waits_for_the_replies_owed_before_it():
+    from libtarpit.session import StartTLS
+
+    s = tls_session()
+    acts = s.client_data(b"NOOP\r\nSTARTTLS\r\n", 1.0)
+    assert sent_backend(acts) == b"NOOP\r\n" and not [a for a in acts if isinstance(a, StartTLS)]
+    acts = s.backend_data(b"250 ok\r\n", 1.0)
+    assert sent_client(acts) == b"250 ok\r\n" and isinstance(acts[-1], StartTLS), "the NOOP's reply goes first"
+
+
+def test_a_certificate_that_does_not_load_answers_454_and_plaintext_goes_on():
+    s = tls_session()
+    s.client_data(b"STARTTLS\r\n", 1.0)
+    acts = s.tls_done(False, "certificate: /etc/cert.pem: no PEM certificate in the file", 1.0)
+    assert sent_client(acts).startswith(b"454 4.7.0") and "error" in events(acts)
+    assert s.phase == "command" and not s.tls
+    s.client_data(b"EHLO client.example\r\n", 2.0)
+    ehlo = sent_client(s.backend_data(b"250-backend\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 2.0))
+    assert b"STARTTLS" not in ehlo, "no offer we cannot keep"
 
 
 def test_starttls_passed_through_after_the_tarpit_then_bytes_only():

@@ -227,3 +227,26 @@ def test_termination_password_guessing_ends_with_421(terminating, exim_tls):
     log = server.log()
     assert "guess" not in log and not any(
         base64.b64encode(f"\0{USER}\0guess{i}".encode()).decode() in log for i in range(6))
+
+
+# --- our own certificate broken ----------------------------------------------------------
+
+
+def test_termination_with_a_broken_certificate_answers_454_and_delivers_in_plaintext(
+        exim_tls_server, exim_tls, tmp_path):
+    broken = tmp_path / "servercert.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    broken.chmod(0o644)
+    server = exim_tls_server(RCPTUSERS, env={"TARPIT_TLS_CERT": str(broken)})
+    with smtp_from(server, GOOD) as s:
+        s.ehlo("mail.example.org")
+        assert s.has_extn("starttls"), "the offer stands until a client takes it"
+        code, _ = s.docmd("STARTTLS")
+        assert code == 454
+        s.ehlo("mail.example.org")
+        assert not s.has_extn("starttls"), "neither ours nor exim's once ours failed"
+        assert s.sendmail("a@example.org", ["bob@example.com"], MESSAGE) == {}
+    server.wait_log(r"event=end\b")
+    [err] = [e for e in server.events("error") if e["what"] == "tls"]
+    assert str(broken) in err["detail"]
+    assert "tls" not in server.events("end")[0], "the session stayed plaintext"

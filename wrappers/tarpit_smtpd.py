@@ -328,8 +328,11 @@ class Client:
         self.out.buf += self.tls.outgoing()
         return plain, failed
 
-    def handshake(self, files, timeout: float) -> tuple[bool, str]:
-        """Run the TLS server handshake (blocking, bounded by `timeout`); return (ok, detail)."""
+    def handshake(self, files, reply: bytes, timeout: float) -> tuple[bool, str]:
+        """Load the certificate, send `reply`, run the TLS handshake (bounded by `timeout`); return (ok, detail).
+
+        A certificate that does not load: (False, "certificate: ..."), and `reply` is not sent.
+        """
         from libtarpit.errors import ControlError
         from libtarpit.tls import ServerTLS, TLSFailed, load_context
 
@@ -337,6 +340,7 @@ class Client:
             tls = ServerTLS(load_context(*files))
         except ControlError as e:
             return False, f"certificate: {e}"
+        self.out.buf += reply
         end = now() + timeout
         try:
             while not tls.handshake():
@@ -415,7 +419,7 @@ def run(session, program: list[str], log, slot: int | None = None, tls_files=Non
                 to_backend = Outbox(backend.sock.send)
             elif isinstance(a, A.StartTLS):
                 client = client or Client()
-                ok, detail = client.handshake(tls_files, session.policy.idle_timeout or 60.0)
+                ok, detail = client.handshake(tls_files, a.reply, session.policy.idle_timeout or 60.0)
                 todo[:0] = session.tls_done(ok, detail, now())
                 more = client.pending_plain() if ok else b""
                 if more:
