@@ -87,7 +87,10 @@ def build(base: Path) -> QmailSmtpd:
     root = base / "root"
     (root / "control").mkdir(parents=True)
     with tarfile.open(TARBALL) as tar:
-        tar.extractall(base, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(base, filter="data")
+        else:  # Python before 3.11.4 (Debian 12's 3.11.2) has no extraction filters
+            tar.extractall(base)
     src = base / "notqmail-a7012e4"
     (src / "conf-qmail").write_text(f"{root}\n")
     done = subprocess.run(["make", "qmail-smtpd"], cwd=src, capture_output=True, text=True, timeout=300)
