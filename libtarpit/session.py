@@ -562,8 +562,14 @@ class Session:
             self._out.append(StartTLS(TLS_READY))
             return
         if self.policy.tarpit_before_tls and self._want_tarpit():
-            # pass-through: after the backend's 220 we see nothing, so the tarpit runs now
-            if self._tarpit("STARTTLS", "", line, ""):
+            # pass-through: after the backend's 220 we see nothing, so the tarpit runs now, unless
+            # taRgrey already knows the client (whitelisted, or it sat through before STARTTLS:
+            # the ("", "") triple the tarpit below records)
+            decision = self._greylist_check("", now)
+            if decision is not None and decision.action == "pass":
+                self._log("greylist_pass", reason=decision.reason)
+                self._tarpitted = True
+            elif self._tarpit("STARTTLS", "", line, ""):
                 return
         self._relay.forward(line, "starttls")
 

@@ -641,3 +641,18 @@ def test_every_command_gets_exactly_one_reply_in_order_and_the_session_ends(comm
     assert len(replies) == len(commands) + 1, (commands, replies)
     assert replies[-1].startswith(b"221"), "the QUIT's reply comes last: replies keep command order"
     assert s.phase == "closed"
+
+
+def test_passthrough_tarpit_before_starttls_is_skipped_for_a_client_taRgrey_knows():
+    class Known:
+        def check(self, client, sender, rcpt, now, suspicious=True):
+            from libtarpit.greylist import Decision
+            assert (sender, rcpt) == ("", ""), "before STARTTLS there is no envelope"
+            return Decision("pass", "sat_through")
+
+    s = Session(SUSPICIOUS, DEFAULTS["suspicious"], Lists(), Known(), 0.0, proxy=True)
+    s.start()
+    s.backend_data(BANNER, 0.0)
+    acts = s.client_data(b"STARTTLS\r\n", 1.0)
+    assert not [a for a in acts if isinstance(a, Sleep)] and sent_backend(acts) == b"STARTTLS\r\n"
+    assert [dict(a.fields) for a in acts if isinstance(a, Log)] == [{"reason": "sat_through"}]
