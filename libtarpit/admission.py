@@ -90,7 +90,6 @@ def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,
     """
     from .client import classify
     from .config import BUILTIN
-    from .session import Lists
 
     ip = env.get("TCPREMOTEIP", "")
     host = env.get("TCPREMOTEHOST") or None
@@ -112,7 +111,7 @@ def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,
         policy = cfg.policy(client.cls)
         from . import checks
 
-        loaded = Lists(
+        loaded = checks.Lists(
             lists.get("badheloarg") if checks.action_of(policy, "helo") != "ignore" else None,
             lists.get("rcptusers") if checks.action_of(policy, "rcpt") != "ignore" else None,
         )

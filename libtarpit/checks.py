@@ -1,6 +1,7 @@
 """The checks a client meets: one shape for every check, their actions applied in one place.
 
 Public names:
+  Lists        the control lists the checks consult (badheloarg, rcptusers)
   Check        one check: name, policy key of its action, log event, default action per class,
                whether it needs the proxy for a client, and how it judges
   CHECKS       the registry, in the order the checks are applied within a stage
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
 ACTIONS = ("ignore", "warn", "enforce", "drop")
 LIMIT_KEYS = ("idle_timeout", "error_sleep", "error_soft_limit", "error_hard_limit",
               "recipient_limit", "session_limit", "min_data_rate")
+
+
+class Lists(value("Lists", "badheloarg rcptusers", defaults=(None, None))):
+    """The control lists the checks consult, loaded at admission; None: the list is absent (no check)."""
+
+    __slots__ = ()
 
 
 class Verdict(value("Verdict", "check reason reply fields", defaults=(None, ()))):

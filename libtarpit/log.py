@@ -22,13 +22,15 @@ tarpit-smtpd event=tarpit_lost>"), so the word anywhere else means nothing.
 
 from __future__ import annotations
 
-import re
-
 from libtarpit.text import printable
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 if TYPE_CHECKING:
+    import re
     from typing import Iterable, Mapping, TextIO
+
+# `re` (and the `enum` it loads, ~6 ms) is imported only by the reading side (prefix,
+# parse_line): writing a line needs none, and a trusted client's exec path writes two.
 
 PROGRAM = "tarpit-smtpd"
 MAX_VALUE = 200
@@ -48,7 +50,6 @@ PREFIX = (
     r"|(?P<month>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<hms>\d{2}:\d{2}:\d{2})) +"
     r"(?:[^\s:\[\]]+ [^\s:\[\]]+(?:\[\d+\])?: )?)?"
 )
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 def escape_value(value: object) -> str:
@@ -65,8 +66,8 @@ def escape_value(value: object) -> str:
         text = value.decode("latin-1")
     else:
         text = str(value)
-    text = printable(text, MAX_VALUE)
-    if text == "" or _NEEDS_QUOTES.search(text):
+    text = printable(text, MAX_VALUE)  # printable ASCII from here on: space is the only \s left
+    if text == "" or " " in text or '"' in text or "=" in text or "\\" in text:
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
@@ -76,7 +77,7 @@ def format_line(pairs: Iterable[tuple[str, object]]) -> str:
     return PROGRAM + " " + " ".join(f"{k}={escape_value(v)}" for k, v in pairs)
 
 
-_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)=("(?:[^"\\]|\\.)*"|\S*)')
+_PAIR = r'([A-Za-z_][A-Za-z0-9_]*)=("(?:[^"\\]|\\.)*"|\S*)'
 
 
 def prefix(line: str) -> re.Match[str]:
@@ -85,6 +86,8 @@ def prefix(line: str) -> re.Match[str]:
     Group "tai" holds a TAI64N label's 24 hex digits; "date", "time", "zone"
     an ISO-8601 stamp; "month", "day", "hms" a syslog stamp.  Never fails.
     """
+    import re
+
     m = re.match(PREFIX, line)  # re caches the compiled pattern: nothing compiled at import
     assert m is not None  # every part is optional
     return m
@@ -101,8 +104,10 @@ def parse_line(line: str) -> dict[str, str] | None:
     at = prefix(line).end()
     if not line.startswith(PROGRAM + " ", at):
         return None
+    import re
+
     out: dict[str, str] = {}
-    for m in _PAIR.finditer(line, at + len(PROGRAM) + 1):
+    for m in re.finditer(_PAIR, line[at + len(PROGRAM) + 1:]):
         key, raw = m.group(1), m.group(2)
         if raw.startswith('"'):
             raw = re.sub(r"\\(.)", r"\1", raw[1:-1])

@@ -2,7 +2,7 @@
 
 Public names:
   Client, classify  re-exported from libtarpit.client
-  Lists           the control lists a session consults (badheloarg, rcptusers)
+  Lists           re-exported from libtarpit.checks
   SendClient, SendBackend, Sleep, StartBackend, Exec, StartTLS, Passthrough, Close, Log
                   the actions a driver carries out (libtarpit.actions)
   Session         feed it time, client bytes, backend bytes and sleep/TLS results;
@@ -40,9 +40,9 @@ from . import checks, envelope, smtp
 from .actions import (ACTION_TYPES, Close, Exec, Log, Passthrough, SendBackend, SendClient,  # noqa: F401
                       Sleep, StartBackend, StartTLS)
 from .client import Client, classify  # noqa: F401  (re-exported: see the module docstring)
+from .checks import Lists  # noqa: F401  (re-exported: see the module docstring)
 from .config import ClassPolicy
 from .relay import MAX_BUFFER, Relay
-from .values import value
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 if TYPE_CHECKING:
@@ -59,12 +59,6 @@ if TYPE_CHECKING:
         def delivered(self, client: str, now: float) -> None: ...
 
     Action = SendClient | SendBackend | Sleep | StartBackend | Exec | StartTLS | Passthrough | Close | Log
-
-
-class Lists(value("Lists", "badheloarg rcptusers", defaults=(None, None))):
-    """Control lists loaded at start; None means the list is absent (no check)."""
-
-    __slots__ = ()
 
 
 # --- phases: the one table of moves ------------------------------------------

@@ -17,8 +17,6 @@ Public names:
 
 from __future__ import annotations
 
-import re
-
 from .text import printable as _printable
 from .values import value
 
@@ -116,7 +114,6 @@ class Reply(value("Reply", "code lines raw")):
         return [ln.rstrip(b"\r\n")[4:] for ln in self.lines]
 
 
-_REPLY_LINE = re.compile(rb"^([0-9]{3})([ -]?)")
 
 
 class ReplyParser:
@@ -142,9 +139,9 @@ class ReplyParser:
             if overlong:
                 line = b"451 backend sent an overlong line\r\n"
             self._lines.append(line)
-            m = _REPLY_LINE.match(line)
-            if m is None or m.group(2) != b"-":
-                code = int(m.group(1)) if m else 0
+            numbered = line[:3].isdigit()  # "ddd", then "-" (more lines follow) or anything else
+            if not numbered or line[3:4] != b"-":
+                code = int(line[:3]) if numbered else 0
                 lines = tuple(self._lines)
                 self._lines = []
                 out.append(Reply(code, lines, b"".join(lines)))

@@ -11,8 +11,6 @@ Imported on every connection: only `re`, compiled on first use.
 
 from __future__ import annotations
 
-import re
-
 _UNPRINTABLE = r"[^\x20-\x7e]"  # keep: space and '!'..'~'; re caches the compiled form
 
 
@@ -30,5 +28,8 @@ def printable(text: str | bytes, limit: int) -> str:
     head = text[:limit]
     if isinstance(head, bytes):
         head = head.decode("latin-1")
-    head = re.sub(_UNPRINTABLE, "?", head)
+    if not (head.isascii() and head.isprintable()):  # the common case needs no `re` (and no enum)
+        import re
+
+        head = re.sub(_UNPRINTABLE, "?", head)
     return head + "..." if len(text) > limit else head
