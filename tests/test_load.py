@@ -198,9 +198,10 @@ def run_garbage(port: int, src: str, i: int) -> None:
 def run_trickle(port: int, src: str, i: int) -> None:
     script = b"EHLO trickle%d.example.net\r\nMAIL FROM:<trickle%d@bot.example>\r\nRCPT TO:<bob@example.com>\r\n" % (i, i)
     with connect(port, src) as s:
-        recv_reply(s)
-        got = b""
+        got = recv_reply(s)  # under load the wrapper may start late: banner and 421 in one read
         for byte in script:
+            if b"421 " in got:
+                break
             try:
                 s.sendall(bytes([byte]))
             except ConnectionError:
@@ -276,7 +277,7 @@ def test_mixed_load_through_tcpserver_in_front_of_qmail(tarpit_server, qmail_smt
     assert not any(t.is_alive() for t in threads), f"clients still running after {elapsed:.0f} s"
     good_failures = [f for f in failures if f.startswith("good ")]
     assert not good_failures, good_failures[:20]
-    assert not failures, failures[:20]
+    assert not failures, (Counter(f.split()[0] for f in failures), failures[:10])
 
     # tcpserver is back to 0 connections; every wrapper and backend of the run is gone
     deadline = time.monotonic() + 120
@@ -299,6 +300,8 @@ def test_mixed_load_through_tcpserver_in_front_of_qmail(tarpit_server, qmail_smt
     missing = [(pid, ip) for pid, ip in accepted if ends[pid] != 1]
     assert missing == [], (missing[:10], [ln for ln in log.splitlines()
                                           if missing and f"pid={missing[0][0]} " in ln])
+    # (issue 10 load run: `sleep_done in phase closed` here is the driver feeding a client EOF
+    # to a session that just asked for a Sleep in the same wait() round)
     errors = [e for e in server.events("error") if e["what"] in ("internal", "config", "control", "exec")]
     assert errors == [], errors[:10]
     assert "Traceback" not in log
