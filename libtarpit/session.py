@@ -218,6 +218,8 @@ class Session:
         self._last = now
         if self.phase == "closed":
             return []
+        if self.phase == "sleeping":
+            raise LocalError("client_data while sleeping: the sleep's result carries the client's bytes")
         if not data:
             if self._relay.owed() and self.phase in ("command", "data_wait"):
                 # e.g. "...QUIT" then shutdown(SHUT_WR): the replies still go out, so a

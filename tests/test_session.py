@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from libtarpit import control, smtp
 from libtarpit.config import DEFAULTS, load_config
-from libtarpit.session import (Close, Exec, Lists, Log, PHASES, TRANSITIONS, SendBackend, SendClient,
+from libtarpit.session import (Close, Exec, Lists, LocalError, Log, PHASES, TRANSITIONS, SendBackend, SendClient,
                                Session, Sleep, StartBackend, classify)
 from libtarpit.sleep import Outcome, SleepResult
 
@@ -656,3 +656,13 @@ def test_passthrough_tarpit_before_starttls_is_skipped_for_a_client_taRgrey_know
     acts = s.client_data(b"STARTTLS\r\n", 1.0)
     assert not [a for a in acts if isinstance(a, Sleep)] and sent_backend(acts) == b"STARTTLS\r\n"
     assert [dict(a.fields) for a in acts if isinstance(a, Log)] == [{"reason": "sat_through"}]
+
+
+def test_client_bytes_fed_during_a_sleep_are_a_driver_bug():
+    s = started(SUSP)
+    s.client_data(b"MAIL FROM:<a@b.example>\r\n", 1.0)
+    s.backend_data(b"250 ok\r\n", 1.0)
+    s.client_data(b"RCPT TO:<bob@example.com>\r\n", 1.0)
+    assert s.phase == "sleeping"
+    with pytest.raises(LocalError):
+        s.client_data(b"", 2.0)

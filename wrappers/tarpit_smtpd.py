@@ -510,7 +510,9 @@ def wait(session, backend: Backend | None, client: Client | None, to_backend: Ou
             pass
         except OSError:
             acts += session.backend_data(b"", now())
-    if CLIENT_IN in ready and session.phase != "closed":
+    # the backend's reply may have started a sleep (tarpit, error pause) or closed the session:
+    # then the client is not read this round (the session takes no client bytes while sleeping)
+    if CLIENT_IN in ready and session.wants_client():
         if client is None:
             data = read_client()
         else:
