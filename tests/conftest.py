@@ -196,6 +196,7 @@ def user_python():
 def tarpit_server(tmp_path, request):
     """Factory: start tcpserver with `rules` (tcprules text) running `command`; stopped at teardown.
 
+    `listener`: run `tarpit-smtpd serve` with the same options instead of tcpserver + tarpit-smtpd.
     `concurrency`: tcpserver's `-c` (and `-b`, its SYN backlog) instead of its default 40.
     `user` (e.g. "nobody"): run unprivileged, the way a postmaster runs it: `tcpserver -u UID
     -g GID`, so the wrapper and its backend run as that user, and:
@@ -219,7 +220,7 @@ def tarpit_server(tmp_path, request):
 
     def start(rules: str, command: list[str] | None = None, env: dict[str, str] | None = None,
               control_files: dict[str, str] | None = None, *, concurrency: int | None = None,
-              user: str | None = None) -> Server:
+              user: str | None = None, listener: bool = False) -> Server:
         if user is None:
             base = tmp_path / f"server{len(started)}"  # several servers in one test (two MX hosts)
             base.mkdir()
@@ -266,8 +267,12 @@ def tarpit_server(tmp_path, request):
         logfile = base / "server.log"
         log = open(logfile, "ab")
         started.append(None)  # reserve the number before starting
+        argv = ["tcpserver", "-vRHl0", *flags, "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command]
+        if listener:  # `tarpit-smtpd serve` in tcpserver's place, the wrapper word dropped
+            assert command[0] == "tarpit-smtpd", command
+            argv = ["tarpit-smtpd", "serve", *argv[1:argv.index(str(port)) + 1], *command[1:]]
         proc = subprocess.Popen(
-            ["tcpserver", "-vRHl0", *flags, "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command],
+            argv,
             stdout=log, stderr=log, env=full_env, start_new_session=True)
         started[-1] = proc
         deadline = time.monotonic() + 10

@@ -526,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, 100 usage, 111 temporary)."""
     from libtarpit.log import EventLog
 
-    parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the listener: tcpserver's job too, many clients in one process
+        from tarpit_wrappers.serve import main as serve
+
+        return serve(argv[1:])
+    parsed = parse_args(argv)
     if parsed is None:
         sys.stderr.write(USAGE)
         return 100

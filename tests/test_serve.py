@@ -1,0 +1,117 @@
+"""`tarpit-smtpd serve`: the listener in tcpserver's place, the same tests as the wrapper's.
+
+The same tcprules CDB, the same environment for the backend, the same admission
+and session; one process holds every client that is not exec'd.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import time
+
+from conftest import recv_reply
+from tls_backend import exim_tls  # noqa: F401  (a fixture)
+from test_wrapper_e2e import BOT, DYNAMIC, GOOD, MESSAGE, RULES, TRUSTED
+
+DENIED = "127.0.0.9"
+SERVE_RULES = RULES + f'{DENIED}:deny\n'
+
+
+def smtp_from(server, src: str) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", server.port, source_address=(src, 0), timeout=30)
+
+
+def test_good_client_delivers_byte_for_byte_through_the_proxy(tarpit_server):
+    server = tarpit_server(SERVE_RULES, control_files={"rcptusers": "bob\n"}, listener=True)
+    with smtp_from(server, GOOD) as s:
+        assert s.sendmail("a@example.org", ["bob@example.com"], MESSAGE) == {}
+        code, _ = s.rcpt("eve@example.com") if s.mail("a@example.org")[0] == 250 else (0, b"")
+        assert code == 550, "rcptusers applies"
+    assert server.messages() == [MESSAGE]
+    server.wait_log("event=end")
+    assert not server.events("exec") and server.events("connect")[0]["class"] == "normal"
+
+
+def test_trusted_client_gets_the_backend_on_its_own_socket_with_tcpservers_environment(tarpit_server, tmp_path):
+    envfile = tmp_path / "env"
+    server = tarpit_server(SERVE_RULES, listener=True, command=[
+        "tarpit-smtpd", "sh", "-c", f'env > {envfile}; exec tarpit-sink "$0"', str(tmp_path / "md")])
+    with smtp_from(server, TRUSTED) as s:
+        assert s.noop()[0] == 250
+    assert server.events("exec")
+    env = dict(ln.split("=", 1) for ln in envfile.read_text().splitlines() if "=" in ln)
+    assert env["PROTO"] == "TCP" and env["TCPREMOTEIP"] == TRUSTED and env["TCPLOCALIP"] == "127.0.0.1"
+    assert env["TCPLOCALPORT"] == str(server.port) and env["TCPLOCALHOST"] == "0"
+    assert "RELAYCLIENT" in env and env["TCPREMOTEHOST"] == DYNAMIC, "the rule's variables are applied"
+    assert "TCPREMOTEINFO" not in env
+
+
+def test_a_bot_that_leaves_the_tarpit_is_greylisted_on_its_next_attempt(tarpit_server):
+    rules = SERVE_RULES.replace('TARPIT="3",TARPIT_GREYLIST="off"', 'TARPIT="20"')
+    server = tarpit_server(rules, listener=True)
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(BOT, 0), timeout=10)
+    assert recv_reply(sock).startswith(b"220")
+    for line in (b"EHLO bot.example\r\n", b"MAIL FROM:<spam@example.org>\r\n"):
+        sock.sendall(line)
+        assert recv_reply(sock)[:1] == b"2"
+    sock.sendall(b"RCPT TO:<bob@example.com>\r\n")
+    server.wait_log("event=tarpit_start")
+    time.sleep(0.3)
+    sock.close()
+    server.wait_log("event=end reason=tarpit_lost")
+    assert 0.2 < float(server.events("tarpit_lost")[0]["elapsed"]) < 5
+    with smtp_from(server, BOT) as s:
+        s.ehlo("bot.example")
+        s.mail("spam@example.org")
+        assert s.rcpt("bob@example.com")[0] == 450, "taRgrey: it gave up, so it is deferred"
+
+
+def test_a_denied_client_is_closed_without_a_word(tarpit_server):
+    server = tarpit_server(SERVE_RULES, listener=True)
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(DENIED, 0), timeout=10)
+    assert sock.recv(100) == b""
+    assert f"deny {DENIED}" in server.log()
+
+
+def test_many_bots_held_in_the_tarpit_by_one_process(tarpit_server):
+    n = 60
+    rules = SERVE_RULES.replace('TARPIT="3",TARPIT_GREYLIST="off"', 'TARPIT="30",TARPIT_GREYLIST="off"')
+    server = tarpit_server(rules, listener=True, concurrency=n + 5)
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", server.port), source_address=(BOT, 0), timeout=10)
+        assert recv_reply(s).startswith(b"220")
+        for line in (b"HELO bot.example\r\n", b"MAIL FROM:<x@example.org>\r\n"):
+            s.sendall(line)
+            assert recv_reply(s).startswith(b"250")
+        s.sendall(b"RCPT TO:<bob@example.com>\r\n")
+        socks.append(s)
+    deadline = time.monotonic() + 20
+    while len(server.events("tarpit_start")) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server.events("tarpit_start")) == n
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 20
+    while len(server.events("end")) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["reason"] for e in server.events("end")] == ["tarpit_lost"] * n
+    assert len({e["pid"] for e in server.events("connect")}) == 1, "one process held them all"
+
+
+def test_starttls_terminated_by_the_listener_keeps_the_checks(tarpit_server, exim_tls):
+    import ssl
+
+    server = tarpit_server(SERVE_RULES, command=["tarpit-smtpd", *exim_tls.command()], listener=True,
+                           env={"TARPIT_TLS_CERT": str(exim_tls.servercert)},
+                           control_files={"rcptusers": "bob\n"})
+    with smtp_from(server, GOOD) as s:
+        s.starttls(context=ssl.create_default_context(cafile=str(exim_tls.ca)))
+        s.ehlo("mail.example.org")
+        s.mail("a@example.org")
+        assert s.rcpt("eve@example.com")[0] == 550, "rcptusers inside TLS"
+        assert s.rcpt("bob@example.com")[0] == 250
+        assert s.data(MESSAGE)[0] == 250
+    server.wait_log("event=end")
+    assert server.events("end")[0].get("tls") == "1" and server.events("tls")
