@@ -259,7 +259,8 @@ class Session:
             if self.phase == "closed":
                 return self._flush()
         self._run(now)  # commands the client sent before it half-closed go on first
-        if self._client_eof and not self._relay.owed():
+        if self._client_eof and not self._relay.owed() and self.phase != "sleeping":
+            # (a sleep that _run just started sees the hang-up itself and reports it)
             self._close("client_closed")
         return self._flush()
 

@@ -666,3 +666,18 @@ def test_client_bytes_fed_during_a_sleep_are_a_driver_bug():
     assert s.phase == "sleeping"
     with pytest.raises(LocalError):
         s.client_data(b"", 2.0)
+
+
+def test_a_half_closed_client_whose_replies_start_the_error_pause_is_not_closed_under_the_sleep():
+    pol = DEFAULTS["normal"]._replace(error_soft_limit=1, error_sleep=2.0)
+    s = started(pol, client=NORMAL)
+    s.client_data(b"NOOP\r\n", 1.0)
+    s.backend_data(b"550 no\r\n", 1.0)  # at the soft limit now
+    assert [a for a in s.client_data(b"NOOP\r\nNOOP\r\n", 1.0) if isinstance(a, Sleep)]
+    assert sent_backend(s.sleep_done(SleepResult(Outcome.ELAPSED, 2.0), 3.0)) == b"NOOP\r\n"
+    s.client_data(b"", 3.0)  # half-close: a reply is still owed, one NOOP still buffered
+    acts = s.backend_data(b"550 no\r\n", 3.0)
+    assert [a for a in acts if isinstance(a, Sleep)] == [Sleep(2.0, "error")]
+    assert not [a for a in acts if isinstance(a, Close)], "no Close behind a pending Sleep"
+    acts = s.sleep_done(SleepResult(Outcome.DISCONNECTED, 0.1), 1.1)
+    assert closed(acts).reason == "client_closed"
