@@ -115,3 +115,58 @@ def test_starttls_terminated_by_the_listener_keeps_the_checks(tarpit_server, exi
         assert s.data(MESSAGE)[0] == 250
     server.wait_log("event=end")
     assert server.events("end")[0].get("tls") == "1" and server.events("tls")
+
+
+def test_over_the_concurrency_limit_a_client_gets_421(tarpit_server):
+    server = tarpit_server(SERVE_RULES, listener=True, concurrency=1)
+    first = socket.create_connection(("127.0.0.1", server.port), source_address=(GOOD, 0), timeout=10)
+    assert recv_reply(first).startswith(b"220")
+    second = socket.create_connection(("127.0.0.1", server.port), source_address=(GOOD, 0), timeout=10)
+    assert recv_reply(second).startswith(b"421 4.3.2")
+    first.close()
+
+
+def test_sighup_reads_tarpit_toml_again(tarpit_server):
+    import signal
+
+    server = tarpit_server(SERVE_RULES, listener=True, control_files={"rcptusers": "bob\n"})
+    with smtp_from(server, GOOD) as s:
+        s.ehlo("mail.example.com")
+        s.mail("a@example.org")
+        assert s.rcpt("eve@example.com")[0] == 550
+    (server.control / "tarpit.toml").write_text('[normal]\nrcpt = "ignore"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_log("reloaded ")
+    with smtp_from(server, GOOD) as s:
+        s.ehlo("mail.example.com")
+        s.mail("a@example.org")
+        assert s.rcpt("eve@example.com")[0] == 250, "the new configuration applies to new clients"
+
+
+def test_sigusr1_snapshot_and_sigterm_lets_a_held_session_finish(tarpit_server):
+    import signal
+
+    server = tarpit_server(SERVE_RULES, listener=True, control_files={"rcptusers": "bob\n"})
+    bot = socket.create_connection(("127.0.0.1", server.port), source_address=(BOT, 0), timeout=10)
+    assert recv_reply(bot).startswith(b"220")
+    for line in (b"HELO bot.example\r\n", b"MAIL FROM:<x@example.org>\r\n"):
+        bot.sendall(line)
+        assert recv_reply(bot).startswith(b"250")
+    bot.sendall(b"RCPT TO:<bob@example.com>\r\n")
+    server.wait_log("event=tarpit_start")
+    good = smtp_from(server, GOOD)
+    server.proc.send_signal(signal.SIGUSR1)
+    line = server.wait_log(r"snapshot .*").group(0)
+    assert "sleeping:rcpt=1" in line and "suspicious=1" in line and "normal=1" in line, line
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_log("stopping: ")
+    try:
+        refused = socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        assert refused.recv(100) == b"", "no new client is served"
+    except OSError:
+        pass  # refused outright: the listening socket is closed
+    assert good.sendmail("a@example.org", ["bob@example.com"], MESSAGE) == {}, "a held session finishes"
+    good.quit()
+    assert recv_reply(bot).startswith(b"250"), "the tarpitted bot is answered once its tarpit ends"
+    bot.close()
+    server.proc.wait(timeout=30)

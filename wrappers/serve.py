@@ -13,8 +13,13 @@ moves bytes, runs timers and processes, and writes log lines.
 Log lines are the wrapper's (one logfmt line per event, `end` last), plus
 tcpserver-like status lines ("tarpit-smtpd serve: status: N/C") under -v.
 
+Signals: SIGHUP reads tarpit.toml again (control lists and the rules CDB are
+read per connection anyway); SIGTERM stops accepting and lets the sessions held
+here finish, up to DRAIN seconds; SIGUSR1 writes one snapshot line (sessions
+per phase and class, backends running).  Over -c a client gets 421.
+
 Not done yet (docs/serve.md): ident lookups (-r is accepted and logged at
-start as not done), a connection-rate or memory high-water mode, --daemon.
+start as not done), --daemon, --workers.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+
+DRAIN = 60.0  # seconds SIGTERM lets the sessions held here finish
+TOO_BUSY = b"421 4.3.2 Too many connections, try again later\r\n"
 
 
 def now() -> float:
@@ -468,11 +477,12 @@ class Connection:
 class Listener:
     """The listening socket, the concurrency limit, and what every connection shares."""
 
-    def __init__(self, args, toml: tuple[str | None, str], control: str | None):
+    def __init__(self, args, toml: tuple[str | None, str], control: str | None, config_path: str | None = None):
         self.args = args
         self.program = list(args.program)
         self.toml_text, self.toml_source = toml
         self.control = control
+        self.config_path = config_path
         self.base_env = dict(os.environ)
         self.per_ip: dict[str, int] = {}
         self.active = 0
@@ -534,17 +544,74 @@ class Listener:
             os.setuid(a.uid)
         if a.remote_info:
             self.say("note: -r (ident lookups) is not done; TCPREMOTEINFO stays unset")
+        self.conns: set[Connection] = set()
+        stopping = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, lambda: stopping.done() or stopping.set_result(None))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.snapshot)
         self.say(f"status: 0/{a.concurrency}")
-        slots = asyncio.Semaphore(a.concurrency)
-        while True:
-            await slots.acquire()
-            sock, peer = await loop.sock_accept(srv)
-            self.active += 1
-            self.say(f"status: {self.active}/{a.concurrency}")
-            loop.create_task(self.one(sock, peer, slots))
+        accepting = loop.create_task(self.accept(srv))
+        await stopping
+        # SIGTERM: stop accepting, let the sessions held here finish, up to DRAIN seconds
+        accepting.cancel()
+        srv.close()
+        self.say(f"stopping: {self.active} sessions, at most {DRAIN:g} s")
+        deadline = loop.time() + DRAIN
+        while [c for c in self.conns if c.session is not None] and loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
-    async def one(self, sock: socket.socket, peer: tuple, slots: asyncio.Semaphore) -> None:
+    async def accept(self, srv: socket.socket) -> None:
+        """Accept for ever; over -c, a client gets 421 and is closed (it retries later)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, peer = await loop.sock_accept(srv)
+            if self.active >= self.args.concurrency:
+                self.say(f"limit {self.active}/{self.args.concurrency}: 421 to {peer[0]}")
+                try:
+                    sock.send(TOO_BUSY)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            self.active += 1
+            self.say(f"status: {self.active}/{self.args.concurrency}")
+            loop.create_task(self.one(sock, peer))
+
+    def reload(self) -> None:
+        """SIGHUP: read tarpit.toml again (control lists and the rules CDB are read per connection)."""
+        from libtarpit.config import ConfigError
+
+        from tarpit_wrappers.settings import read_config
+
+        try:
+            _cfg, _control, path = read_config(self.base_env, self.control, self.config_path)
+            self.toml_text = open(path, encoding="utf-8").read() if path else None
+            self.toml_source = path or "tarpit.toml"
+        except (OSError, UnicodeDecodeError, ConfigError) as e:
+            return self.say(f"reload failed, keeping the old configuration: {e}")
+        self.say(f"reloaded {self.toml_source}")
+
+    def snapshot(self) -> None:
+        """SIGUSR1: one line: sessions per phase (sleeps by stage), per class, backends running."""
+        phases: dict[str, int] = {}
+        classes: dict[str, int] = {}
+        backends = 0
+        for c in self.conns:
+            s = c.session
+            if s is None:
+                continue
+            phase = f"sleeping:{s._sleep_stage}" if s.phase == "sleeping" else s.phase
+            phases[phase] = phases.get(phase, 0) + 1
+            classes[s.client.cls] = classes.get(s.client.cls, 0) + 1
+            backends += bool(c.backend_pid)
+        fields = " ".join(f"{k}={v}" for k, v in sorted(phases.items()))
+        cls = " ".join(f"{k}={v}" for k, v in sorted(classes.items()))
+        self.say(f"snapshot active={self.active} backends={backends} exec={len(self.children.futures) - backends} "
+                 f"phases: {fields or '-'} classes: {cls or '-'}")
+
+    async def one(self, sock: socket.socket, peer: tuple) -> None:
         conn = Connection(self, sock, peer, sock.getsockname())
+        self.conns.add(conn)
         try:
             await conn.run()
         except Exception as e:  # our bug: one line, the client gets 451 if it is still there
@@ -555,8 +622,8 @@ class Listener:
                 pass
             sock.close()
         finally:
+            self.conns.discard(conn)
             self.active -= 1
-            slots.release()
             self.say(f"status: {self.active}/{self.args.concurrency}")
 
 
@@ -580,7 +647,7 @@ def main(argv: list[str]) -> int:
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         sys.stderr.write(f"tarpit-smtpd serve: fatal: {e}\n")
         return 111
-    listener = Listener(args, (text, path or "tarpit.toml"), opts.get("control"))
+    listener = Listener(args, (text, path or "tarpit.toml"), opts.get("control"), opts.get("config"))
     try:
         asyncio.run(listener.serve())
     except OSError as e:
