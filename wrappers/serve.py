@@ -53,13 +53,14 @@ class Children:
         self.futures: dict[int, asyncio.Future] = {}
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
 
-    def spawn(self, program: list[str], env: dict[str, str], fd: int) -> int:
-        """Start `program` with `fd` as its stdin and stdout; return its pid (OSError if it cannot start)."""
+    def spawn(self, program: list[str], env: dict[str, str], fd: int) -> tuple[int, asyncio.Future]:
+        """Start `program` with `fd` as its stdin and stdout; return its pid and the future of its
+        exit status (OSError if it cannot start)."""
         pid = os.posix_spawnp(program[0], program, env,
                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM))
-        self.futures[pid] = self.loop.create_future()
-        return pid
+        fut = self.futures[pid] = self.loop.create_future()
+        return pid, fut
 
     def reap(self) -> None:
         while True:
@@ -73,27 +74,23 @@ class Children:
             if fut is not None and not fut.done():
                 fut.set_result(os.waitstatus_to_exitcode(status))
 
-    async def stop(self, pid: int, linger: float) -> int:
+    @staticmethod
+    async def stop(pid: int, exited: asyncio.Future, linger: float) -> int:
         """Let child `pid` exit on its own for `linger` s, then TERM, then KILL; return its status."""
-        fut = self.futures.get(pid)
-        if fut is None:
-            return 0
         for sig, wait in ((None, linger), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
-            if sig is not None:
+            if sig is not None and not exited.done():
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), wait) if wait > 0 else (
-                    fut.result() if fut.done() else await _raise_timeout())
-            except asyncio.TimeoutError:
-                continue
+            if exited.done():
+                return exited.result()
+            if wait > 0:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(exited), wait)
+                except asyncio.TimeoutError:
+                    pass
         return -signal.SIGKILL
-
-
-async def _raise_timeout():
-    raise asyncio.TimeoutError
 
 
 class Side(asyncio.Protocol):
@@ -419,7 +416,8 @@ class Connection:
         """The backend on a socketpair, relayed by this loop."""
         ours, theirs = socket.socketpair()
         try:
-            self.backend_pid = self.listener.children.spawn(self.listener.program, self.env, theirs.fileno())
+            self.backend_pid, self.backend_exit = self.listener.children.spawn(
+                self.listener.program, self.env, theirs.fileno())
         except OSError as e:
             ours.close()
             return self.session.fail("backend", f"{self.listener.program[0]}: {e.strerror or e}")
@@ -445,17 +443,15 @@ class Connection:
         t = self.client.transport
         sock = t.get_extra_info("socket")
         try:
-            pid = self.listener.children.spawn(self.listener.program, self.env, sock.fileno())
+            _pid, exited = self.listener.children.spawn(self.listener.program, self.env, sock.fileno())
         except OSError as e:
             self.act(self.session.fail("exec", f"{self.listener.program[0]}: {e.strerror or e}"))
             return
         t.abort()  # our copy of the fd only: the child holds the connection now
         self.session = None
-        asyncio.ensure_future(self._exec_done(pid))
-
-    async def _exec_done(self, pid: int) -> None:
-        await self.listener.children.futures[pid] if pid in self.listener.children.futures else None
-        self.closed.set_result(None)
+        # the connection counts against -c until its backend exits, as tcpserver counts children
+        exited.add_done_callback(
+            lambda _f: self.closed.done() or self.closed.set_result(None))
 
     async def close(self, action) -> None:
         """Deliver the last replies, let the backend exit, write the end line."""
@@ -466,7 +462,7 @@ class Connection:
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.close()
         if self.backend_pid:
-            status = await self.listener.children.stop(self.backend_pid, action.linger)
+            status = await Children.stop(self.backend_pid, self.backend_exit, action.linger)
             if status and action.linger > 0:
                 self.log.event("error", what="backend", detail=f"exited with status {status}")
         self.log.event("end", **dict(action.fields))
