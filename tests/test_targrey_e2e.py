@@ -20,15 +20,17 @@ RULES = f"""
 MSG = b"Subject: retry\r\n\r\nthird time lucky\r\n"
 
 
-def attempt(server, src: str, *, give_up_after: float | None = None, deliver: bool = False) -> bytes:
-    """One SMTP attempt up to RCPT; returns the RCPT reply (b"" when we gave up during the tarpit)."""
-    sock = server.connect(src)
+def attempt(server, src: str, *, give_up_after: float | None = None, deliver: bool = False,
+            message: bytes = MSG, timeout: float = 10.0) -> bytes:
+    """HELO, MAIL, RCPT (then DATA when `deliver` and the RCPT passes); returns the RCPT reply
+    (b"" when we gave up during the tarpit after `give_up_after` seconds)."""
+    sock = server.connect(src, timeout=timeout)
     try:
-        recv_reply(sock)
+        assert recv_reply(sock).startswith(b"220")
         sock.sendall(b"HELO mx.example.net\r\n")
-        recv_reply(sock)
+        assert recv_reply(sock).startswith(b"250")
         sock.sendall(b"MAIL FROM:<news@example.net>\r\n")
-        recv_reply(sock)
+        assert recv_reply(sock).startswith(b"250")
         sock.sendall(b"RCPT TO:<bob@example.com>\r\n")
         if give_up_after is not None:
             sock.settimeout(give_up_after)
@@ -40,7 +42,7 @@ def attempt(server, src: str, *, give_up_after: float | None = None, deliver: bo
         if deliver and reply.startswith(b"250"):
             sock.sendall(b"DATA\r\n")
             assert recv_reply(sock).startswith(b"354")
-            sock.sendall(MSG + b".\r\n")
+            sock.sendall(message + b".\r\n")
             assert recv_reply(sock).startswith(b"250")
         sock.sendall(b"QUIT\r\n")
         recv_reply(sock)

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from conftest import children_of, cmdline, recv_reply
+from test_targrey_e2e import attempt
 
 BOT, PATIENT, CAPPED = "127.0.0.3", "127.0.0.6", "127.0.0.9"
 DYNAMIC = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
@@ -52,31 +53,7 @@ def user() -> str:
 
 def session(server, src: str, *, give_up_after: float | None = None, deliver: bool = True) -> bytes:
     """HELO, MAIL, RCPT (and DATA when the RCPT passes); returns the RCPT reply (b"" when we gave up)."""
-    sock = server.connect(src, timeout=20)
-    try:
-        assert recv_reply(sock).startswith(b"220")
-        sock.sendall(b"HELO mx.example.net\r\n")
-        assert recv_reply(sock).startswith(b"250")
-        sock.sendall(b"MAIL FROM:<news@example.net>\r\n")
-        assert recv_reply(sock).startswith(b"250")
-        sock.sendall(b"RCPT TO:<bob@example.com>\r\n")
-        if give_up_after is not None:
-            sock.settimeout(give_up_after)
-            try:
-                return recv_reply(sock)
-            except TimeoutError:
-                return b""
-        reply = recv_reply(sock)
-        if deliver and reply.startswith(b"250"):
-            sock.sendall(b"DATA\r\n")
-            assert recv_reply(sock).startswith(b"354")
-            sock.sendall(MSG + b".\r\n")
-            assert recv_reply(sock).startswith(b"250")
-        sock.sendall(b"QUIT\r\n")
-        recv_reply(sock)
-        return reply
-    finally:
-        sock.close()
+    return attempt(server, src, give_up_after=give_up_after, deliver=deliver, message=MSG, timeout=20)
 
 
 def wait_events(server, event: str, n: int, timeout: float = 10) -> list[dict[str, str]]:
