@@ -170,3 +170,15 @@ def test_sigusr1_snapshot_and_sigterm_lets_a_held_session_finish(tarpit_server):
     assert recv_reply(bot).startswith(b"250"), "the tarpitted bot is answered once its tarpit ends"
     bot.close()
     server.proc.wait(timeout=30)
+
+
+def test_the_exec_fast_path_hands_over_a_blocking_socket(tarpit_server, tmp_path):
+    """A backend that reads before the client has written must wait, not see EAGAIN as an end."""
+    out = tmp_path / "flags"
+    server = tarpit_server(SERVE_RULES, listener=True, command=[
+        "tarpit-smtpd", "sh", "-c",
+        f'python3 -c "import os,fcntl; print(fcntl.fcntl(0, fcntl.F_GETFL) & os.O_NONBLOCK)" > {out}; '
+        'exec tarpit-sink "$0"', str(tmp_path / "md")])
+    with smtp_from(server, TRUSTED) as s:
+        assert s.noop()[0] == 250
+    assert out.read_text().strip() == "0"

@@ -442,6 +442,9 @@ class Connection:
         """The fast path: the backend gets the client's socket itself; we keep nothing but its pid."""
         t = self.client.transport
         sock = t.get_extra_info("socket")
+        # O_NONBLOCK lives on the open file, which the child shares: a backend reading a
+        # non-blocking socket takes EAGAIN for a hang-up (tcpserver hands over a blocking one)
+        os.set_blocking(sock.fileno(), True)
         try:
             _pid, exited = self.listener.children.spawn(self.listener.program, self.env, sock.fileno())
         except OSError as e:
