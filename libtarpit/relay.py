@@ -46,6 +46,9 @@ class Pending:
 class Relay:
     """Client bytes in, backend bytes in; SendClient/SendBackend appended to `out`."""
 
+    # slots: a held connection's state is counted in KB by the listener (bench/serve_memory.py)
+    __slots__ = ('out', 'inbuf', 'queue', '_parser', '_tail', 'chunk_left', 'chunk_discard', '_owed')
+
     def __init__(self, out: list):
         self.out = out
         self.inbuf = smtp.LineSplitter()

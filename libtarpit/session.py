@@ -126,6 +126,9 @@ _AT_ONCE = frozenset({"tarpit_lost", "greet_lost", "pregreet", "timeout", "sessi
 class Session:
     """The policy for one connection.  See the module docstring for the protocol."""
 
+    # slots: a held connection's state is counted in KB by the listener (bench/serve_memory.py)
+    __slots__ = ('client', 'policy', 'lists', 'greylist', 'phase', 'errors', '_start', '_last', '_out', '_relay', '_proxy', '_tls_offer', '_tls_ours', 'tls', 'authenticated', '_auth_mech', '_auth_data', '_sender', '_rcpts', '_rcpts_sent', '_tarpitted', '_held', '_held_rcpt', '_sleep_stage', '_error_slept', '_chunking', '_size', '_client_eof', '_quit', '_buffered_at_hold', '_stalled', '_data_start', '_data_bytes')
+
     def __init__(self, client: Client, policy: ClassPolicy, lists: Lists,
                  greylist: GreylistPort | None, now: float, *, proxy: bool = True,
                  tls: bool = False):

@@ -51,6 +51,8 @@ class LineSplitter:
     up to the next LF are discarded) so a client cannot grow our memory.
     """
 
+    __slots__ = ("_buf", "_max", "_discarding")
+
     def __init__(self, max_line: int = MAX_LINE):
         self._buf = bytearray()
         self._max = max_line
@@ -123,6 +125,8 @@ class ReplyParser:
     not a reply line ends the reply too, with code 0, so a broken backend
     cannot make us buffer forever.
     """
+
+    __slots__ = ("_split", "_lines")
 
     def __init__(self) -> None:
         self._split = LineSplitter(max_line=65536)

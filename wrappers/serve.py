@@ -96,6 +96,8 @@ class Children:
 class Side(asyncio.Protocol):
     """One socket of a connection (client or backend): bytes in go to `on_data`, EOF to `on_eof`."""
 
+    __slots__ = ("on_data", "on_eof", "transport")
+
     def __init__(self, on_data, on_eof):
         self.on_data, self.on_eof = on_data, on_eof
         self.transport: asyncio.Transport | None = None
@@ -116,6 +118,10 @@ class Side(asyncio.Protocol):
 
 class Connection:
     """One client: admission, then exec or a session driven by this loop's events."""
+
+    __slots__ = ("listener", "sock", "peer", "local", "client", "backend", "backend_pid", "backend_exit",
+                 "session", "log", "sleeping", "timer", "tls", "tls_pending", "tls_files", "pipe", "closed",
+                 "ip", "env", "__weakref__")
 
     def __init__(self, listener: Listener, sock: socket.socket, peer: tuple, local: tuple):
         self.listener = listener
@@ -144,7 +150,8 @@ class Connection:
         L = self.listener
         env = await self.environment()
         if env is None:
-            return self.sock.close()
+            self.sock.close()
+            return self.closed.set_result(None)
         pid = os.getpid()
         self.log = EventLog(sys.stderr, {
             "conn": f"{int(time.time() * 1000) % 10**10:x}.{pid}.{id(self) % 10**6}", "pid": pid,
@@ -164,12 +171,10 @@ class Connection:
         for line in adm.logs:
             self.log.event(line.event, **dict(line.fields))
         L.per_ip[self.ip] = L.per_ip.get(self.ip, 0) + 1
-        try:
-            await self.relay(adm, cfg, env)
-        finally:
-            L.per_ip[self.ip] -= 1
-            if not L.per_ip[self.ip]:
-                del L.per_ip[self.ip]
+        self.closed.add_done_callback(lambda _f: L.release_ip(self.ip))
+        await self.relay(adm, cfg, env)
+        # returns with the session running: the caller waits for `closed`, so no frame keeps
+        # the environment, the Config or the Admission alive for as long as a client is held
 
     async def environment(self) -> dict[str, str] | None:
         """tcpserver's environment for this client, with its tcprules entry applied; None: deny."""
@@ -215,6 +220,7 @@ class Connection:
             pass
         self.sock.close()
         self.log.event("end", reason=adm.reason)
+        self.closed.set_result(None)
 
     # --- the session ---------------------------------------------------------
 
@@ -236,7 +242,6 @@ class Connection:
             lambda: Side(self.from_client, self.client_eof), self.sock)
         self.client.transport.pause_reading()  # nothing is read before the session asks for it
         self.act(self.session.start())
-        await self.closed
 
     def act(self, actions: list) -> None:
         """Carry out the session's actions in order."""
@@ -423,6 +428,7 @@ class Connection:
             return self.session.fail("backend", f"{self.listener.program[0]}: {e.strerror or e}")
         finally:
             theirs.close()
+        self.env = None  # a copy of the whole environment: not worth keeping per held client
         loop = asyncio.get_running_loop()
         self.backend = Side(self.from_backend, self.backend_eof)
         loop.create_task(loop.connect_accepted_socket(lambda: self.backend, ours))
@@ -487,6 +493,12 @@ class Listener:
         self.active = 0
         self._stores: dict[str, Any] = {}
         self._resolver = None
+
+    def release_ip(self, ip: str) -> None:
+        """One connection of `ip` has ended (the per-IP cap's count)."""
+        self.per_ip[ip] -= 1
+        if not self.per_ip[ip]:
+            del self.per_ip[ip]
 
     def say(self, text: str) -> None:
         if self.args.verbosity >= 1:
@@ -613,6 +625,7 @@ class Listener:
         self.conns.add(conn)
         try:
             await conn.run()
+            await conn.closed
         except Exception as e:  # our bug: one line, the client gets 451 if it is still there
             self.say(f"error {type(e).__name__}: {e}")
             try:
