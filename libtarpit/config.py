@@ -211,8 +211,10 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
             return None
         if name in _CHOICES and value not in _CHOICES[name]:
             raise ValueError(raw)
-        if name == "greylist_url" and "://" in value and not value.startswith(_STORE_SCHEMES):
-            raise ValueError(raw)  # a typo must not silently become a SQLite file name
+        if name == "greylist_url" and ("://" in value or value.split("/", 1)[0].rstrip(":").lower()
+                                       in ("redis", "rediss", "unix", "sqlite")) \
+                and not value.startswith(_STORE_SCHEMES):
+            raise ValueError(raw)  # a typo ("redis//host") must not silently become a SQLite file name
         if name == "rdns_server" and value:
             from .rdns import parse_server
 

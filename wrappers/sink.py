@@ -76,6 +76,12 @@ async def serve(sock: socket.socket, handler: MaildirHandler) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    from tarpit_wrappers.about import about
+
+    answered = about(argv, "tarpit-sink", USAGE, "A small SMTP server on fd 0/1 (under tcpserver) that delivers\n"
+                     "every message to the Maildir MAILDIR: the demo's and the tests' backend.")
+    if answered is not None:
+        return answered
     if len(argv) != 1:
         sys.stderr.write(USAGE)
         return 100

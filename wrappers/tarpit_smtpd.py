@@ -527,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     from libtarpit.log import EventLog
 
     argv = sys.argv[1:] if argv is None else argv
+    from tarpit_wrappers.about import about
+
+    answered = about(argv, "tarpit-smtpd", USAGE + "       tarpit-smtpd serve [tcpserver's options] HOST PORT PROGRAM [ARGS...]\n",
+                     "The tcpserver-spawned wrapper (or, with serve, the listener in tcpserver's place)\n"
+                     "that puts S25R, the tarpit, taRgrey, badheloarg and rcptusers in front of PROGRAM.")
+    if answered is not None:
+        return answered
     if argv[:1] == ["serve"]:  # the listener: tcpserver's job too, many clients in one process
         from tarpit_wrappers.serve import main as serve
 

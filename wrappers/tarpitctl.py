@@ -26,6 +26,10 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run tarpitctl; return its exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:
+        from tarpit_wrappers.about import about
+
+        return about(argv, "tarpitctl", "", "") or 0
     parser = argparse.ArgumentParser(prog="tarpitctl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
