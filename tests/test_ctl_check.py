@@ -20,7 +20,7 @@ def test_defaults_show_each_class_and_its_path(tmp_path):
     assert "class trusted    exec fast path" in out.stdout
     assert "class normal     exec fast path" in out.stdout, "no lists: nothing to check for normal clients"
     assert "tarpit 65 s at RCPT (enforce); greylist targrey" in out.stdout
-    assert "reachable, 0 records" in out.stdout
+    assert "reachable and writable, 0 records" in out.stdout
 
 
 def test_warn_mode_and_lists_move_normal_clients_to_the_proxy(tmp_path):
@@ -62,3 +62,38 @@ def test_tarpitctl_reads_the_same_tarpit_toml_as_the_wrapper(tmp_path):
     done = subprocess.run(["tarpitctl", "s25r", "mail.dynamic.example.net"], env=env,
                           capture_output=True, text=True)
     assert done.stdout.strip().split("\t")[1:] == ["match", "rule=7"], "s25r_extra from tarpit.toml"
+
+
+def test_the_store_is_tried_as_the_wrapper_user_and_a_root_owned_database_is_an_error(user_python):
+    """deployment.md's order used to leave a root-owned greylist.sqlite that `check` called fine."""
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to the wrapper's user")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="tarpit-check-", dir="/tmp"))  # pytest's tmp is 0700 root
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir()
+        os.chown(state, nobody.pw_uid, nobody.pw_gid)
+        db = state / "greylist.sqlite"
+        env = {"TARPIT_STATE_DIR": str(state), "TARPIT_GREYLIST_URL": str(db)}
+        bindir = user_python("nobody")  # a tarpitctl whose interpreter nobody can run too
+        if bindir is not None:
+            env["PATH"] = f"{bindir}:{os.environ['PATH']}"
+        out = check(base, env=env)
+        assert "as nobody: reachable and writable" in out.stdout, out.stdout + out.stderr
+        assert db.stat().st_uid == nobody.pw_uid, "the file it made is the wrapper's"
+        for p in state.iterdir():
+            os.chown(p, 0, 0)
+            os.chmod(p, 0o644)
+        out = check(base, env=env)
+        assert "as nobody: ERROR" in out.stdout and "readonly" in out.stdout and out.returncode == 111, out.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", help="control directory (default $TARPIT_CONTROL or /var/qmail/control)")
     parser.add_argument("--config", help="tarpit.toml (default $TARPIT_CONFIG or CONTROL/tarpit.toml)")
     parser.add_argument("--no-store", action="store_true", help="do not try the greylist store")
+    parser.add_argument("--user", help="try the store as this user, the one the wrapper runs as "
+                        "(default: the owner of the state directory; needs root to switch)")
     parser.add_argument("--tcpserver", metavar="OPTIONS",
                         help="the tcpserver options of your run file (e.g. '-vRHl0') to check for -H and -p")
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for cls in CLASSES:
         print(describe_class(cls, cfg.policy(cls), present))
     if any(cfg.policy(c).greylist != "off" for c in CLASSES) and not args.no_store:
-        broken += check_store(cfg)
+        broken += check_store(cfg, args.user)
     if broken:
         return 111
     return 1 if warnings else 0
@@ -158,8 +160,26 @@ def describe_class(cls: str, pol, present: dict[str, bool]) -> str:
     return f"class {cls:<10} {path}\n    " + "; ".join(parts)
 
 
-def check_store(cfg) -> int:
-    """Try the greylist store once; print the result; return 1 if it failed."""
+def store_user(cfg, name: str | None) -> tuple[int, int, str]:
+    """(uid, gid, name) the store is tried as: --user, else the state directory's owner, else ourselves."""
+    import pwd
+
+    if name:
+        pw = pwd.getpwnam(name)
+        return pw.pw_uid, pw.pw_gid, name
+    try:
+        st = os.stat(cfg.state_dir)
+        uid, gid = st.st_uid, st.st_gid
+    except OSError:
+        uid, gid = os.geteuid(), os.getegid()
+    try:
+        return uid, gid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid, gid, str(uid)
+
+
+def _probe(cfg) -> tuple[int, str]:
+    """Read the store and write to it (purge: it deletes only expired records); (0 ok | 1, text)."""
     import time
 
     from libtarpit import greylist
@@ -168,8 +188,47 @@ def check_store(cfg) -> int:
     try:
         store = greylist.open_store(cfg.greylist_url, timeout=cfg.greylist_timeout)
         n = len(store.records(time.time()))
-        print(f"greylist store {cfg.greylist_url}: reachable, {n} records")
-        return 0
+        store.purge(time.time())
+        return 0, f"reachable and writable, {n} records"
     except StoreError as e:
-        print(f"greylist store {cfg.greylist_url}: ERROR {e} (the wrapper fails open: mail passes)")
+        return 1, f"ERROR {e} (the wrapper fails open: mail passes, taRgrey is off)"
+
+
+def check_store(cfg, user: str | None = None) -> int:
+    """Try the greylist store as the wrapper's user; print the result; return 1 if it failed.
+
+    As root, the probe runs in a child that has become that user, so a store file it
+    creates belongs to the wrapper, and a file the wrapper could not write is reported
+    (a root-owned greylist.sqlite used to pass here and fail for every connection).
+    """
+    try:
+        uid, gid, name = store_user(cfg, user)
+    except KeyError:
+        print(f"greylist store {cfg.greylist_url}: ERROR no user {user!r}")
         return 1
+    if os.geteuid() != 0 or uid == os.geteuid():
+        code, text = _probe(cfg)
+    else:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become the wrapper's user, try, report through the pipe
+            os.close(r)
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                code, text = _probe(cfg)
+            except BaseException as e:  # noqa: BLE001 - whatever it is, the parent reports it
+                code, text = 1, f"ERROR {type(e).__name__}: {e}"
+            os.write(w, f"{code}{text}".encode())
+            os._exit(0)
+        os.close(w)
+        out = b""
+        while chunk := os.read(r, 4096):
+            out += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        reply = out.decode(errors="replace") or "1ERROR the probe died"
+        code, text = int(reply[0]), reply[1:]
+    print(f"greylist store {cfg.greylist_url} as {name}: {text}")
+    return code
