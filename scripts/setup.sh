@@ -5,7 +5,9 @@
 #      /usr/bin/python3 (Debian's python3 refuses a system-wide pip install: PEP 668), with this
 #      source tree installed into it (a regular install, not editable) with the extras [test,plot];
 #   3. links in $TARPIT_BINDIR (default /usr/local/bin) to its programs tarpit-smtpd, tarpitctl and
-#      tarpit-sink: tcpserver run files and the tests find them there.
+#      tarpit-sink: tcpserver run files and the tests find them there;
+#   4. the man pages tarpit-smtpd(8), tarpitctl(8), tarpit.toml(5) in $TARPIT_PREFIX/share/man, linked
+#      into $TARPIT_MANDIR (default /usr/local/share/man).
 # Running it again upgrades in place (docs/deployment.md: Install, Upgrade, Uninstall).
 # TARPIT_PYTHON picks another interpreter for the venv (Python >= 3.11; default /usr/bin/python3).
 set -eu
@@ -16,7 +18,7 @@ prefix=${TARPIT_PREFIX:-/opt/tarpit-smtpd}
 bindir=${TARPIT_BINDIR:-/usr/local/bin}
 python=${TARPIT_PYTHON:-/usr/bin/python3}
 programs="tarpit-smtpd tarpitctl tarpit-sink"
-packages="ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl python3 python3-venv"
+packages="ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl python3 python3-venv man-db"
 
 if command -v apt-get >/dev/null 2>&1; then
     missing=
@@ -66,5 +68,13 @@ for p in $programs; do
         echo "setup.sh: replacing $bindir/$p (not a link: an older install?) with a link to $prefix/bin/$p"
     fi
     ln -sfn "$prefix/bin/$p" "$bindir/$p"
+done
+# Man pages, built from docs/man and the code's own tables, linked where man(1) looks.
+mandir=${TARPIT_MANDIR:-/usr/local/share/man}
+"$prefix/bin/python" "$tmp/scripts/manpages.py" "$prefix/share/man" >/dev/null
+for page in "$prefix"/share/man/man*/*; do
+    section=$(basename "$(dirname "$page")")
+    mkdir -p "$mandir/$section"
+    ln -sfn "$page" "$mandir/$section/$(basename "$page")"
 done
 echo "setup.sh: installed $("$prefix/bin/python" -m pip show tarpit-smtpd 2>/dev/null | sed -n 's/^Version: //p') in $prefix; $programs linked in $bindir"

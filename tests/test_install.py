@@ -70,3 +70,25 @@ def test_the_venv_has_a_regular_install_of_the_package(venv_python, tmp_path):
     for module in (lib, wrappers):
         assert Path(module).is_relative_to(PREFIX / "lib"), module
     assert new_enough == "True"
+
+
+@pytest.mark.parametrize("page, section", [("tarpit-smtpd", "8"), ("tarpitctl", "8"), ("tarpit.toml", "5")])
+def test_man_finds_each_page_and_it_renders_cleanly(venv_python, page, section):
+    """`man tarpit-smtpd` works after the install, and groff has nothing to warn about."""
+    if shutil.which("man") is None:
+        pytest.fail("man not installed: scripts/setup.sh installs man-db")
+    where = subprocess.run(["man", "-w", section, page], capture_output=True, text=True)
+    assert where.returncode == 0 and str(PREFIX) in os.path.realpath(where.stdout.strip()), where
+    shown = subprocess.run(["man", "--warnings", section, page], capture_output=True, text=True,
+                           env=dict(os.environ, MANWIDTH="80", MANPAGER="cat", PAGER="cat"))
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    assert "SEE ALSO" in shown.stdout
+
+
+def test_tarpit_toml_page_lists_every_knob_the_code_has(venv_python):
+    from libtarpit.config import ENV_KEYS, GLOBAL_ENV
+
+    page = subprocess.run(["man", "5", "tarpit.toml"], capture_output=True, text=True,
+                          env=dict(os.environ, MANWIDTH="200", MANPAGER="cat", PAGER="cat")).stdout
+    missing = [var for var in (*ENV_KEYS.values(), *GLOBAL_ENV.values()) if var not in page]
+    assert not missing, missing
