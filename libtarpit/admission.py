@@ -5,7 +5,8 @@ Public names:
                ("exec" | "proxy" | "refuse"), the reply of a refusal, log lines to write first,
                the per-IP connection limit the driver must take a slot for, and why it proxies
   wants_rdns   whether the driver should look the client's name up itself (TARPIT_RDNS)
-  admit        environment + config + lists + clock (+ the rDNS answer) -> Admission
+  wants_dnswl  whether a DNSWL answer could change an Admission (TARPIT_DNSWL), so the driver asks
+  admit        environment + config + lists + clock (+ the rDNS and DNSWL answers) -> Admission
   refuse       the Admission for our own failure before a session exists (451, one error line)
   over_limit   the Admission once the driver found every per-IP slot taken (421)
   TEMPFAIL, TOO_MANY   the replies of those refusals
@@ -13,7 +14,9 @@ Public names:
 This is the pure part of start-up, shared by the per-connection wrapper and the
 listener: it never reads a file, the environment, a socket or the clock itself.
 The driver performs the I/O the decision asks for: the DNS query (when
-`wants_rdns`), the slot lock (when `limit`), then exec, spawn or refuse.
+`wants_rdns`), the DNSWL query (when `wants_dnswl` says the first decision
+could change: then `admit` again with its answer), the slot lock (when
+`limit`), then exec, spawn or refuse.
 
 Precedence, written once: TARPIT_CLASS (tcprules) wins; then RELAYCLIENT (trusted,
 and neither S25R nor the allow-list is consulted, so a broken allow-list cannot
@@ -65,6 +68,18 @@ def wants_rdns(env: Mapping[str, str], cfg: Any) -> bool:
                 and (not env.get("TCPREMOTEHOST") or not cfg.trust_host))
 
 
+def wants_dnswl(adm: Admission, cfg: Any) -> bool:
+    """True when the driver should ask the DNSWL zone about this client, then admit again.
+
+    That is only when the answer can change the outcome: a zone is set (TARPIT_DNSWL),
+    and `adm` admitted a client that S25R made suspicious (not one forced there by
+    TARPIT_CLASS).  Trusted, normal and refused clients cost no query.
+    """
+    client = adm.client
+    return bool(cfg.dnswl_zone and client is not None and adm.route != "refuse"
+                and client.cls == "suspicious" and not cfg.force_class and client.ip)
+
+
 def refuse(what: str, detail: str) -> Admission:
     """Return the refusal for our own failure `what` (config, control...): 451 and one error line."""
     return Admission(reply=TEMPFAIL, logs=(Log("error", (("what", what), ("detail", detail))),))
@@ -77,13 +92,16 @@ def over_limit(adm: Admission) -> Admission:
 
 
 def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,
-          rdns: tuple[str | None, str | None] | None = None) -> Admission:
+          rdns: tuple[str | None, str | None] | None = None, dnswl: Any = None) -> Admission:
     """Return the Admission for the client described by `env` (tcpserver's environment).
 
     `cfg` is a libtarpit.config.Config; `lists` a source of control lists with
     `allow()` (the s25r-allow AllowList) and `get(name)` (a ControlList or None),
     both raising ControlError for a file that exists but cannot be read;
-    `rdns` is (name or None, error or None) when the driver looked the name up.
+    `rdns` is (name or None, error or None) when the driver looked the name up;
+    `dnswl` the libtarpit.dnswl.Result of the query `wants_dnswl` asked for: for a
+    client S25R made suspicious, a listing at `cfg.dnswl_min_level` or above makes it
+    trusted (reason "dnswl"); a listing, a refusal or DNS trouble adds its log line.
     `now` is unused today and kept so that time-dependent admission (greylist
     pre-checks) needs no new argument.  Never raises: a ControlError becomes a
     refusal with 451.
@@ -108,6 +126,12 @@ def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,
 
             verdict = s25r.classify(host, ip, lists.allow(), extra=cfg.s25r_extra, name_trusted=name_trusted)
         client = classify(ip, host, relayclient=relay, verdict=verdict, force_class=cfg.force_class)
+        if dnswl is not None and client.cls == "suspicious" and not cfg.force_class:
+            from . import dnswl as wl
+
+            logs += wl.log_lines(dnswl)
+            if wl.trusts(dnswl, cfg.dnswl_min_level):
+                client = client._replace(cls="trusted", reason="dnswl")
         policy = cfg.policy(client.cls)
         from . import checks
 

@@ -108,6 +108,7 @@ _OLD_SWITCHES = {"helo_check": ("TARPIT_HELO_CHECK", ("helo", "helo_nodot")),
 _GLOBAL_DEFAULTS: dict[str, Any] = {
     "control": "/var/qmail/control", "mode": "enforce", "force_class": None, "s25r_extra": False,
     "rdns": False, "rdns_timeout": 2.0, "rdns_server": "", "trust_host": True,
+    "dnswl_zone": "", "dnswl_min_level": 1, "dnswl_timeout": 2.0, "dnswl_server": "",
     "state_dir": "/var/lib/tarpit-smtpd", "greylist_url": "/var/lib/tarpit-smtpd/greylist.sqlite",
     "greylist_delay": 1200.0, "greylist_retries": 2, "greylist_whitelist": 3600.0,
     "greylist_expire": 35 * 86400.0, "greylist_key": "net", "greylist_timeout": 0.5,
@@ -145,6 +146,10 @@ GLOBAL_ENV: dict[str, str] = {
     "rdns_timeout": "TARPIT_RDNS_TIMEOUT",
     "rdns_server": "TARPIT_RDNS_SERVER",
     "trust_host": "TARPIT_TRUST_HOST",
+    "dnswl_zone": "TARPIT_DNSWL",
+    "dnswl_min_level": "TARPIT_DNSWL_MIN_LEVEL",
+    "dnswl_timeout": "TARPIT_DNSWL_TIMEOUT",
+    "dnswl_server": "TARPIT_DNSWL_SERVER",
     "state_dir": "TARPIT_STATE_DIR",
     "greylist_url": "TARPIT_GREYLIST_URL",
     "greylist_delay": "TARPIT_GREYLIST_DELAY",
@@ -160,10 +165,11 @@ GLOBAL_ENV: dict[str, str] = {
 }
 
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://", "sqlite://")
-_INT_MAX = {"greylist_ipv4_prefix": 32, "greylist_ipv6_prefix": 128}
-_POSITIVE = {"greylist_expire", "greylist_timeout"}
+_INT_MAX = {"greylist_ipv4_prefix": 32, "greylist_ipv6_prefix": 128, "dnswl_min_level": 254}
+_POSITIVE = {"greylist_expire", "greylist_timeout", "dnswl_timeout"}
 _FLOAT_MAX = {"greylist_delay": 30 * 86400.0, "greylist_whitelist": 400 * 86400.0,
-              "greylist_expire": 400 * 86400.0, "greylist_timeout": 60.0, "rdns_timeout": 60.0}
+              "greylist_expire": 400 * 86400.0, "greylist_timeout": 60.0, "rdns_timeout": 60.0,
+              "dnswl_timeout": 60.0}
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("enforce", "warn"),
@@ -215,10 +221,14 @@ def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
                                        in ("redis", "rediss", "unix", "sqlite")) \
                 and not value.startswith(_STORE_SCHEMES):
             raise ValueError(raw)  # a typo ("redis//host") must not silently become a SQLite file name
-        if name == "rdns_server" and value:
+        if name in ("rdns_server", "dnswl_server") and value:
             from .rdns import parse_server
 
             parse_server(value)
+        if name == "dnswl_zone" and value:
+            from .dnswl import parse_zone  # pure: neither dnspython nor ipaddress
+
+            value = parse_zone(value)
         return value
     except (TypeError, ValueError):
         hint = f" (one of {', '.join(_CHOICES[name])})" if name in _CHOICES else ""

@@ -86,3 +86,52 @@ def test_rdns_answer_is_a_fact_in_and_its_error_a_log_line(tmp_path):
     adm = admission.admit(env, cfg, ControlDir(str(tmp_path)), 0.0, rdns=(None, "timeout"))
     assert adm.client.cls == "suspicious" and adm.client.rule == 0
     assert [dict(log.fields)["what"] for log in adm.logs] == ["rdns"]
+
+
+# --- DNSWL: asked only when it can change the outcome; its answer is a fact in -----------------
+
+def test_dnswl_is_wanted_only_for_a_client_s25r_made_suspicious(tmp_path):
+    lists = ControlDir(str(tmp_path))
+    on = load_config({"TARPIT_DNSWL": "list.dnswl.org"})
+    assert admission.wants_dnswl(admission.admit(BOT_ENV, on, lists, 0.0), on)
+    assert not admission.wants_dnswl(admission.admit(NORMAL_ENV, on, lists, 0.0), on)
+    assert not admission.wants_dnswl(admission.admit({**BOT_ENV, "RELAYCLIENT": ""}, on, lists, 0.0), on)
+    forced = load_config({"TARPIT_DNSWL": "list.dnswl.org", "TARPIT_CLASS": "suspicious"})
+    assert not admission.wants_dnswl(admission.admit(NORMAL_ENV, forced, lists, 0.0), forced)
+    off = load_config({})
+    assert not admission.wants_dnswl(admission.admit(BOT_ENV, off, lists, 0.0), off)
+    broken = admission.admit(BOT_ENV, on, ControlDir(str(tmp_path / "typo")), 0.0)
+    assert broken.route == "refuse" and not admission.wants_dnswl(broken, on)
+
+
+def test_a_dnswl_listing_makes_a_suspicious_client_trusted_like_an_allow_list_entry(tmp_path):
+    from libtarpit.dnswl import Result
+
+    cfg = load_config({"TARPIT_DNSWL": "list.dnswl.org"})
+    adm = admission.admit(BOT_ENV, cfg, ControlDir(str(tmp_path)), 0.0, dnswl=Result("127.0.9.2", 2))
+    assert (adm.client.cls, adm.client.reason, adm.client.rule, adm.route) == ("trusted", "dnswl", 1, "exec")
+    assert adm.greylist is None and adm.proxy_for == ()
+    assert [(log.event, dict(log.fields)) for log in adm.logs] == [("dnswl", {"answer": "127.0.9.2", "level": 2})]
+
+
+@pytest.mark.parametrize("result, line", [
+    (("127.0.0.255", None, "blocked"), ("error", {"what": "dnswl", "detail": "blocked 127.0.0.255"})),
+    ((None, None, "timeout"), ("error", {"what": "dnswl", "detail": "timeout"})),
+    (("127.0.9.0", 0, None), ("dnswl", {"answer": "127.0.9.0", "level": 0})),  # below dnswl_min_level 1
+    ((None, None, None), None),                                                # not listed: no line
+])
+def test_what_does_not_trust_leaves_the_client_suspicious(tmp_path, result, line):
+    from libtarpit.dnswl import Result
+
+    cfg = load_config({"TARPIT_DNSWL": "list.dnswl.org"})
+    adm = admission.admit(BOT_ENV, cfg, ControlDir(str(tmp_path)), 0.0, dnswl=Result(*result))
+    assert adm.client.cls == "suspicious" and adm.route == "proxy" and "tarpit" in adm.proxy_for
+    assert [(log.event, dict(log.fields)) for log in adm.logs] == ([line] if line else [])
+
+
+def test_a_dnswl_answer_does_not_touch_a_client_that_is_not_suspicious(tmp_path):
+    from libtarpit.dnswl import Result
+
+    cfg = load_config({"TARPIT_DNSWL": "list.dnswl.org", "TARPIT_CLASS": "suspicious"})
+    adm = admission.admit(NORMAL_ENV, cfg, ControlDir(str(tmp_path)), 0.0, dnswl=Result("127.0.9.3", 3))
+    assert adm.client.cls == "suspicious" and adm.logs == (), "TARPIT_CLASS from tcprules wins"

@@ -32,3 +32,22 @@ def test_old_switches_still_mean_off():
     assert (pol.helo, pol.helo_nodot, pol.rcpt) == ("ignore", "ignore", "ignore")
     pol = load_config({}, "[normal]\nrcpt_check = false\n").policy("normal")
     assert pol.rcpt == "ignore"
+
+
+@pytest.mark.parametrize("env", [
+    {"TARPIT_DNSWL": "list..dnswl.org"},           # an empty label
+    {"TARPIT_DNSWL": "list.dnswl.org/"},
+    {"TARPIT_DNSWL_MIN_LEVEL": "255"},              # 127.0.0.255 is a refusal, never a level
+    {"TARPIT_DNSWL_MIN_LEVEL": "-1"},
+    {"TARPIT_DNSWL_TIMEOUT": "0"},                  # a query that may not take any time
+    {"TARPIT_DNSWL_TIMEOUT": "61"},
+    {"TARPIT_DNSWL_SERVER": "dns.example.org"},     # finding the DNS server would need DNS
+])
+def test_dnswl_values_are_checked_at_start(env):
+    with pytest.raises(ConfigError, match="dnswl"):
+        load_config(env)
+
+
+def test_dnswl_is_off_by_default_and_an_empty_zone_means_off():
+    assert load_config({}).dnswl_zone == ""
+    assert load_config({"TARPIT_DNSWL": ""}, 'dnswl_zone = "list.dnswl.org"\n').dnswl_zone == ""

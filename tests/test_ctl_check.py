@@ -97,3 +97,18 @@ def test_the_store_is_tried_as_the_wrapper_user_and_a_root_owned_database_is_an_
         assert "as nobody: ERROR" in out.stdout and "readonly" in out.stdout and out.returncode == 111, out.stdout
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dnswl_is_checked_only_when_on_and_a_dead_zone_is_a_warning(tmp_path):
+    import socket
+
+    (tmp_path / "s25r-allow").write_text(".google.com\n")
+    out = check(tmp_path, "--no-store", "--tcpserver=-vRl0 -hp")
+    assert out.returncode == 0 and not [ln for ln in out.stdout.splitlines() if "dnswl " in ln]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:  # a nameserver that never answers
+        dead.bind(("127.0.0.1", 0))
+        env = {"TARPIT_DNSWL": "list.dnswl.test", "TARPIT_DNSWL_TIMEOUT": "0.3",
+               "TARPIT_DNSWL_SERVER": f"127.0.0.1:{dead.getsockname()[1]}"}
+        out = check(tmp_path, "--no-store", "--tcpserver=-vRl0 -hp", env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "WARNING  dnswl list.dnswl.test: timeout within 0.3 s at 127.0.0.1:" in out.stdout

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         warnings += warn
         print(f"list {name:<11} {state}")
     warnings += check_tcpserver(args.tcpserver, cfg.rdns)
+    if cfg.dnswl_zone:
+        warnings += check_dnswl(cfg)
     if cfg.tls_cert:
         broken += check_certificate(cfg.tls_cert, cfg.tls_key or None)
     for cls in CLASSES:
@@ -100,6 +102,35 @@ def check_tcpserver(options: str | None, rdns: bool) -> int:
               "         an IP's PTR can claim an allow-listed name such as mail-x.google.com. Use -hp.")
         warn += 1
     return warn
+
+
+def check_dnswl(cfg) -> int:
+    """Ask the DNSWL zone about its test entry 127.0.0.2 (RFC 5782); print the answer; return the warnings.
+
+    One query, as the wrapper makes it (same zone, server and timeout).  A zone that does not
+    answer, refuses us or does not list its test entry trusts nobody: a warning, not an error,
+    since the wrapper then treats every client as if DNSWL were off.
+    """
+    from libtarpit.dnswl import BLOCKED, lookup_for
+
+    zone = cfg.dnswl_zone
+    where = f" at {cfg.dnswl_server}" if cfg.dnswl_server else ""
+    r = lookup_for(cfg, "127.0.0.2")
+    if r.listed:
+        print(f"dnswl    {zone} answers: test entry 127.0.0.2 listed as {r.answer} (level {r.level}); "
+              f"suspicious clients listed at level {cfg.dnswl_min_level} or more are trusted")
+        return 0
+    if r.error == BLOCKED:
+        print(f"WARNING  dnswl {zone}: blocked (it answered {r.answer}): the zone refuses this resolver{where}\n"
+              "         (a public or shared resolver, or too many queries); nobody would be trusted.\n"
+              "         Query it through a resolver of your own.")
+    elif r.error is not None:
+        print(f"WARNING  dnswl {zone}: {r.error} within {cfg.dnswl_timeout:g} s{where}; every query would log\n"
+              "         event=error what=dnswl and suspicious clients would stay suspicious.")
+    else:
+        print(f"WARNING  dnswl {zone}: the test entry 127.0.0.2 is not listed (RFC 5782 asks every list\n"
+              "         to list it): is this the zone you mean?")
+    return 1
 
 
 def describe_list(control: str, name: str) -> tuple[str, bool, int]:

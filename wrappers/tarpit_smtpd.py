@@ -157,7 +157,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log, program: list[str]):
     exec does not return).
 
     All the decisions are libtarpit.admission's; this does the I/O they ask for:
-    reading the configuration, the DNS query, the slot lock, opening the store.
+    reading the configuration, the DNS queries (rDNS, DNSWL), the slot lock, opening the store.
     """
     from libtarpit import admission
     from libtarpit.config import ConfigError
@@ -176,7 +176,12 @@ def setup(opts: dict[str, str], env: dict[str, str], log, program: list[str]):
         servers, port = parse_server(cfg.rdns_server) if cfg.rdns_server else (None, 53)
         rdns = confirmed_name(env["TCPREMOTEIP"], cfg.rdns_timeout, nameservers=servers, port=port)
         log.update(host=rdns[0] or "-")
-    adm = admission.admit(env, cfg, ControlDir(control_dir, cfg.state_dir), now(), rdns)
+    lists = ControlDir(control_dir, cfg.state_dir)
+    adm = admission.admit(env, cfg, lists, now(), rdns)
+    if admission.wants_dnswl(adm, cfg):  # a suspicious client only: the one answer that can change
+        from libtarpit.dnswl import lookup_for
+
+        adm = admission.admit(env, cfg, lists, now(), rdns, lookup_for(cfg, adm.client.ip))
     if adm.route == "refuse":
         return refused(adm, log)
     client = adm.client
