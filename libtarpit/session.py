@@ -46,7 +46,7 @@ from .relay import MAX_BUFFER, Relay
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Any, Callable, Protocol
 
     from .sleep import SleepResult
 
@@ -114,24 +114,25 @@ TLS_UNAVAILABLE = smtp.reply(454, "4.7.0 TLS not available due to temporary reas
 TOO_MANY_RCPTS = smtp.reply(452, "4.5.3 Too many recipients")
 NO_BANNER = smtp.reply(421, "4.3.0 Service temporarily unavailable, please try again later")
 BACKEND_GONE = smtp.reply(421, "4.3.0 Service not available, closing connection")
+BUSY = smtp.reply(421, "4.3.2 Too busy, try again later")
 # replies to these change the transaction: the next command waits for them
 _BARRIER = ("banner", "helo", "ehlo", "mail", "rset", "data", "dot", "bdat", "bdat_last",
             "auth", "auth_data", "starttls")
 _STAGES = {"HELO": "helo", "EHLO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
 # session ends after which no message can be half-way into the backend: stop it at once
 _AT_ONCE = frozenset({"tarpit_lost", "greet_lost", "pregreet", "timeout", "session_limit", "slow_data",
-                      "too_many_errors", "policy", "error"})
+                      "too_many_errors", "policy", "error", "backend_limit"})
 
 
 class Session:
     """The policy for one connection.  See the module docstring for the protocol."""
 
     # slots: a held connection's state is counted in KB by the listener (bench/serve_memory.py)
-    __slots__ = ('client', 'policy', 'lists', 'greylist', 'phase', 'errors', '_start', '_last', '_out', '_relay', '_proxy', '_tls_offer', '_tls_ours', 'tls', 'authenticated', '_auth_mech', '_auth_data', '_sender', '_rcpts', '_rcpts_sent', '_tarpitted', '_held', '_held_rcpt', '_sleep_stage', '_error_slept', '_chunking', '_size', '_client_eof', '_quit', '_buffered_at_hold', '_stalled', '_data_start', '_data_bytes')
+    __slots__ = ('client', 'policy', 'lists', 'greylist', 'phase', 'errors', '_start', '_last', '_out', '_relay', '_proxy', '_full', '_tls_offer', '_tls_ours', 'tls', 'authenticated', '_auth_mech', '_auth_data', '_sender', '_rcpts', '_rcpts_sent', '_tarpitted', '_held', '_held_rcpt', '_sleep_stage', '_error_slept', '_chunking', '_size', '_client_eof', '_quit', '_buffered_at_hold', '_stalled', '_data_start', '_data_bytes')
 
     def __init__(self, client: Client, policy: ClassPolicy, lists: Lists,
                  greylist: GreylistPort | None, now: float, *, proxy: bool = True,
-                 tls: bool = False):
+                 tls: bool = False, full: Callable[[], int] | None = None):
         self.client = client
         self.policy = policy
         self.lists = lists
@@ -143,6 +144,7 @@ class Session:
         self._out: list[Action] = []
         self._relay = Relay(self._out)
         self._proxy = proxy
+        self._full = full           # the driver's backend limit: its value once reached, else 0
         self._tls_offer = tls       # we terminate STARTTLS ourselves (a certificate is configured)
         self._tls_ours = tls        # ... so the backend's STARTTLS is never the client's, even if ours broke
         self.tls = False            # the client side is encrypted (terminated here or passed through)
@@ -381,7 +383,14 @@ class Session:
         self._begin(result.early)
 
     def _begin(self, early: bytes) -> None:
-        """Exec the backend (fast path) or start it and wait for its banner."""
+        """Exec the backend (fast path) or start it and wait for its banner; 421 if the driver's
+        limit on backends running at once is reached (nothing was said to the client yet)."""
+        limit = self._full() if self._full is not None else 0
+        if limit:
+            self._log("backend_limit", limit=limit)
+            self._out.append(SendClient(BUSY))
+            self._close("backend_limit")
+            return
         if not self._proxy and not early:
             self._log("exec")
             self._goto("exec")

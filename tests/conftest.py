@@ -197,6 +197,7 @@ def tarpit_server(tmp_path, request):
     """Factory: start tcpserver with `rules` (tcprules text) running `command`; stopped at teardown.
 
     `listener`: run `tarpit-smtpd serve` with the same options instead of tcpserver + tarpit-smtpd.
+    `options`: serve's own long options (`--workers=2`), with `listener`.
     `concurrency`: tcpserver's `-c` (and `-b`, its SYN backlog) instead of its default 40.
     `user` (e.g. "nobody"): run unprivileged, the way a postmaster runs it: `tcpserver -u UID
     -g GID`, so the wrapper and its backend run as that user, and:
@@ -220,7 +221,7 @@ def tarpit_server(tmp_path, request):
 
     def start(rules: str, command: list[str] | None = None, env: dict[str, str] | None = None,
               control_files: dict[str, str] | None = None, *, concurrency: int | None = None,
-              user: str | None = None, listener: bool = False) -> Server:
+              user: str | None = None, listener: bool = False, options: tuple[str, ...] = ()) -> Server:
         if user is None:
             base = tmp_path / f"server{len(started)}"  # several servers in one test (two MX hosts)
             base.mkdir()
@@ -270,7 +271,7 @@ def tarpit_server(tmp_path, request):
         argv = ["tcpserver", "-vRHl0", *flags, "-x", str(base / "rules.cdb"), "127.0.0.1", str(port), *command]
         if listener:  # `tarpit-smtpd serve` in tcpserver's place, the wrapper word dropped
             assert command[0] == "tarpit-smtpd", command
-            argv = ["tarpit-smtpd", "serve", *argv[1:argv.index(str(port)) + 1], *command[1:]]
+            argv = ["tarpit-smtpd", "serve", *options, *argv[1:argv.index(str(port)) + 1], *command[1:]]
         proc = subprocess.Popen(
             argv,
             stdout=log, stderr=log, env=full_env, start_new_session=True)

@@ -182,3 +182,96 @@ def test_the_exec_fast_path_hands_over_a_blocking_socket(tarpit_server, tmp_path
     with smtp_from(server, TRUSTED) as s:
         assert s.noop()[0] == 250
     assert out.read_text().strip() == "0"
+
+
+CAPPED = "127.0.0.15"  # suspicious, at most 2 connections at once
+CAP_RULES = SERVE_RULES + (
+    f'{CAPPED}:allow,TCPREMOTEHOST="p1234-ipbf56abcdef.tokyo.ocn.ne.jp",TARPIT="30",'
+    'TARPIT_MAX_PER_IP="2",TARPIT_GREYLIST="off"\n')
+
+
+def test_two_workers_share_the_port_and_keep_the_per_ip_cap(tarpit_server):
+    import signal
+
+    server = tarpit_server(CAP_RULES, listener=True, options=("--workers=2",))
+    assert server.wait_log(r"workers: 2 \((\d+) (\d+)\)")
+    held = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", server.port), source_address=(CAPPED, 0), timeout=10)
+        assert recv_reply(s).startswith(b"220")
+        held.append(s)
+    third = socket.create_connection(("127.0.0.1", server.port), source_address=(CAPPED, 0), timeout=10)
+    assert recv_reply(third).startswith(b"421 4.7.0"), "the cap counts both connections, whichever worker"
+    third.close()
+    for n in range(2, 12):  # other addresses are spread over both workers
+        with smtp_from(server, f"127.0.1.{n}") as s:
+            assert s.noop()[0] == 250
+    pids = {e["pid"] for e in server.events("connect")}
+    assert len(pids) == 2, pids
+    assert {e["pid"] for e in server.events("connect") if e["ip"] == CAPPED} == {
+        server.events("conn_limit")[0]["pid"]}, "one address, one worker"
+    server.proc.send_signal(signal.SIGUSR1)
+    server.wait_log(r"snapshot worker=1 ")
+    server.wait_log(r"snapshot worker=0 ")
+    for s in held:
+        s.close()
+
+
+def test_over_the_backend_limit_a_client_gets_421_when_its_backend_is_due(tarpit_server):
+    server = tarpit_server(SERVE_RULES, listener=True, options=("--backends=1",))
+    first = socket.create_connection(("127.0.0.1", server.port), source_address=(GOOD, 0), timeout=10)
+    assert recv_reply(first).startswith(b"220"), "its backend runs"
+    second = socket.create_connection(("127.0.0.1", server.port), source_address=(GOOD, 0), timeout=10)
+    assert recv_reply(second) == b"421 4.3.2 Too busy, try again later\r\n"
+    server.wait_log("event=end reason=backend_limit")
+    assert server.events("backend_limit")[0]["limit"] == "1"
+    first.sendall(b"QUIT\r\n")
+    assert recv_reply(first).startswith(b"221")
+    first.close()
+    deadline = time.monotonic() + 10
+    while not server.log().rstrip().endswith("status: 0/40") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the exec'd backend has exited: its slot is free
+    with smtp_from(server, GOOD) as s:  # the slot is free again once the first backend is gone
+        assert s.noop()[0] == 250
+
+
+def test_daemon_detaches_writes_its_pid_file_and_removes_it_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    from conftest import free_port
+
+    port, pidfile, log = free_port(), tmp_path / "serve.pid", tmp_path / "serve.log"
+    (tmp_path / "control").mkdir()
+    env = dict(os.environ, TARPIT_CONTROL=str(tmp_path / "control"), TARPIT_STATE_DIR=str(tmp_path))
+    done = subprocess.run(["tarpit-smtpd", "serve", "--daemon", f"--pidfile={pidfile}", f"--log={log}", "-vRH",
+                           "127.0.0.1", str(port), "tarpit-sink", str(tmp_path / "md")],
+                          env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    pid = int(pidfile.read_text())
+    try:
+        assert os.getsid(pid) != os.getsid(0), "a session of its own: detached from ours"
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            assert s.noop()[0] == 250
+        again = subprocess.run(["tarpit-smtpd", "serve", "--daemon", f"--pidfile={pidfile}", f"--log={log}",
+                                "127.0.0.1", str(free_port()), "tarpit-sink", str(tmp_path / "md")],
+                               env=env, capture_output=True, timeout=30)
+        assert again.returncode == 111 and f"held by running process {pid}".encode() in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pidfile.exists(), "removed on the way out"
+    assert b"event=end" in log.read_bytes() and b"stopping: " in log.read_bytes(), "its log went to --log"
+    state = "?"
+    while time.monotonic() < deadline:  # gone, or a zombie where this machine's pid 1 does not reap
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.05)  # the pid file goes just before the process does
+    assert state in ("gone", "Z"), f"process {pid} still running ({state})"

@@ -16,10 +16,16 @@ tcpserver-like status lines ("tarpit-smtpd serve: status: N/C") under -v.
 Signals: SIGHUP reads tarpit.toml again (control lists and the rules CDB are
 read per connection anyway); SIGTERM stops accepting and lets the sessions held
 here finish, up to DRAIN seconds; SIGUSR1 writes one snapshot line (sessions
-per phase and class, backends running).  Over -c a client gets 421.
+per phase and class, backends running).  Over -c, or over --backends when a
+backend is due, a client gets 421.
 
-Not done yet (docs/serve.md): ident lookups (-r is accepted and logged at
-start as not done), --daemon, --workers.
+Long options (serve's own): --workers=N processes share the port, each source
+address steered to one of them by the kernel (so the per-IP cap, counted in
+memory, stays exact), -c and --backends counted across all of them in shared
+memory; --daemon detaches with python-daemon (--pidfile, --log for stderr).
+
+Not done (docs/serve.md): ident lookups (-r is accepted and logged at start as
+not done).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ if TYPE_CHECKING:
 
 DRAIN = 60.0  # seconds SIGTERM lets the sessions held here finish
 TOO_BUSY = b"421 4.3.2 Too many connections, try again later\r\n"
+LONG_OPTIONS = ("control=", "config=", "workers=", "backends=", "daemon", "pidfile=", "log=")
+PIDFILE = "/run/tarpit-smtpd.pid"
+LOGFILE = "/var/log/tarpit-smtpd.log"
+SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h; not in the socket module
 
 
 def now() -> float:
@@ -45,12 +55,43 @@ def now() -> float:
     return time.time()
 
 
+class Counter:
+    """A count kept per worker in memory every worker shares (inherited across fork).
+
+    Each worker writes only its own slot, so no lock is needed; a limit reads the sum, and the
+    supervisor zeroes a dead worker's slot before it starts its successor.
+    """
+
+    __slots__ = ("_mem", "slot")
+
+    def __init__(self, workers: int = 1):
+        import mmap
+
+        self._mem = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")  # MAP_SHARED|MAP_ANONYMOUS
+        self.slot = 0
+
+    def add(self, n: int) -> None:
+        self._mem[self.slot] += n
+
+    def mine(self) -> int:
+        """This worker's count."""
+        return self._mem[self.slot]
+
+    def total(self) -> int:
+        """Every worker's count together."""
+        return sum(self._mem)
+
+    def reset(self, slot: int) -> None:
+        self._mem[slot] = 0
+
+
 class Children:
     """Every child we start, reaped on SIGCHLD; `wait(pid)` is a future of its exit status."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, running: Counter):
         self.loop = loop
         self.futures: dict[int, asyncio.Future] = {}
+        self.running = running  # backends running, across workers (--backends)
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
 
     def spawn(self, program: list[str], env: dict[str, str], fd: int) -> tuple[int, asyncio.Future]:
@@ -58,8 +99,10 @@ class Children:
         exit status (OSError if it cannot start)."""
         pid = os.posix_spawnp(program[0], program, env,
                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
-                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM))
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM,
+                                         signal.SIGHUP, signal.SIGUSR1))
         fut = self.futures[pid] = self.loop.create_future()
+        self.running.add(1)
         return pid, fut
 
     def reap(self) -> None:
@@ -71,8 +114,10 @@ class Children:
             if pid == 0:
                 return
             fut = self.futures.pop(pid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(os.waitstatus_to_exitcode(status))
+            if fut is not None:
+                self.running.add(-1)
+                if not fut.done():
+                    fut.set_result(os.waitstatus_to_exitcode(status))
 
     @staticmethod
     async def stop(pid: int, exited: asyncio.Future, linger: float) -> int:
@@ -236,7 +281,8 @@ class Connection:
             self.tls_files = (cfg.tls_cert, cfg.tls_key or None)
         self.env = env
         self.session = Session(adm.client, adm.policy, adm.lists, greylist, now(),
-                               proxy=adm.route == "proxy", tls=self.tls_files is not None)
+                               proxy=adm.route == "proxy", tls=self.tls_files is not None,
+                               full=self.listener.full if self.listener.backend_limit else None)
         loop = asyncio.get_running_loop()
         _, self.client = await loop.connect_accepted_socket(
             lambda: Side(self.from_client, self.client_eof), self.sock)
@@ -482,7 +528,8 @@ class Connection:
 class Listener:
     """The listening socket, the concurrency limit, and what every connection shares."""
 
-    def __init__(self, args, toml: tuple[str | None, str], control: str | None, config_path: str | None = None):
+    def __init__(self, args, toml: tuple[str | None, str], control: str | None, config_path: str | None = None,
+                 clients: Counter | None = None, backends: Counter | None = None, backend_limit: int = 0):
         self.args = args
         self.program = list(args.program)
         self.toml_text, self.toml_source = toml
@@ -490,9 +537,21 @@ class Listener:
         self.config_path = config_path
         self.base_env = dict(os.environ)
         self.per_ip: dict[str, int] = {}
-        self.active = 0
+        self.active = 0                              # this worker's clients
+        self.clients = clients or Counter()          # every worker's clients (-c)
+        self.backends = backends or Counter()        # every worker's backends running (--backends)
+        self.backend_limit = backend_limit
+        self.worker: int | None = None               # this worker's slot under --workers
         self._stores: dict[str, Any] = {}
+        self._configs: dict[tuple, Any] = {}
+        self._config_vars: tuple[str, ...] = ()
         self._resolver = None
+
+    def full(self) -> int:
+        """The backend limit when that many backends run already (the session then says 421), else 0."""
+        if self.backend_limit and self.backends.total() >= self.backend_limit:
+            return self.backend_limit
+        return 0
 
     def release_ip(self, ip: str) -> None:
         """One connection of `ip` has ended (the per-IP cap's count)."""
@@ -506,10 +565,24 @@ class Listener:
             sys.stderr.flush()
 
     def config(self, env: dict[str, str]):
-        """The Config for this client's environment (tarpit.toml read once at start)."""
-        from libtarpit.config import load_config
+        """The Config for this client's environment (tarpit.toml as read at start or SIGHUP).
 
-        return load_config(env, self.toml_text, self.toml_source)
+        Built once per distinct set of the variables the configuration reads (most clients share
+        one: those of their tcprules entry); ConfigError for a bad value, as load_config.
+        """
+        from libtarpit import config as C
+
+        if not self._config_vars:
+            names = {*C.GLOBAL_ENV.values(), *C.ENV_KEYS.values(), *(v for v, _ in C._OLD_SWITCHES.values())}
+            self._config_vars = tuple(sorted(names))
+        key = tuple(env.get(v) for v in self._config_vars)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = C.load_config(env, self.toml_text, self.toml_source)
+            if len(self._configs) >= 256:  # a rules file that sets per-client values: do not grow
+                self._configs.clear()
+            self._configs[key] = cfg
+        return cfg
 
     def lists(self, cfg):
         from libtarpit.controldir import ControlDir
@@ -538,29 +611,18 @@ class Listener:
             return None
         return name.lower().rstrip(".")
 
-    async def serve(self) -> None:
+    async def serve(self, srv: socket.socket) -> None:
+        """Accept on the bound socket `srv` until SIGTERM, then drain."""
         a = self.args
         loop = asyncio.get_running_loop()
-        self.children = Children(loop)
-        host = None if a.host == "0" else a.host
-        family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
-        srv = socket.socket(family, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), a.port))
-        srv.listen(a.backlog)
+        self.children = Children(loop, self.backends)
         srv.setblocking(False)
-        if a.gid is not None:
-            os.setgid(a.gid)
-        if a.uid is not None:
-            os.setuid(a.uid)
-        if a.remote_info:
-            self.say("note: -r (ident lookups) is not done; TCPREMOTEINFO stays unset")
         self.conns: set[Connection] = set()
         stopping = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, lambda: stopping.done() or stopping.set_result(None))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.snapshot)
-        self.say(f"status: 0/{a.concurrency}")
+        self.say(f"status: {self.clients.total()}/{a.concurrency}")
         accepting = loop.create_task(self.accept(srv))
         await stopping
         # SIGTERM: stop accepting, let the sessions held here finish, up to DRAIN seconds
@@ -576,8 +638,8 @@ class Listener:
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(srv)
-            if self.active >= self.args.concurrency:
-                self.say(f"limit {self.active}/{self.args.concurrency}: 421 to {peer[0]}")
+            if self.clients.total() >= self.args.concurrency:
+                self.say(f"limit {self.clients.total()}/{self.args.concurrency}: 421 to {peer[0]}")
                 try:
                     sock.send(TOO_BUSY)
                 except OSError:
@@ -585,7 +647,8 @@ class Listener:
                 sock.close()
                 continue
             self.active += 1
-            self.say(f"status: {self.active}/{self.args.concurrency}")
+            self.clients.add(1)
+            self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
             loop.create_task(self.one(sock, peer))
 
     def reload(self) -> None:
@@ -600,6 +663,7 @@ class Listener:
             self.toml_source = path or "tarpit.toml"
         except (OSError, UnicodeDecodeError, ConfigError) as e:
             return self.say(f"reload failed, keeping the old configuration: {e}")
+        self._configs.clear()
         self.say(f"reloaded {self.toml_source}")
 
     def snapshot(self) -> None:
@@ -617,7 +681,8 @@ class Listener:
             backends += bool(c.backend_pid)
         fields = " ".join(f"{k}={v}" for k, v in sorted(phases.items()))
         cls = " ".join(f"{k}={v}" for k, v in sorted(classes.items()))
-        self.say(f"snapshot active={self.active} backends={backends} exec={len(self.children.futures) - backends} "
+        worker = "" if self.worker is None else f"worker={self.worker} "
+        self.say(f"snapshot {worker}active={self.active} backends={backends} exec={len(self.children.futures) - backends} "
                  f"phases: {fields or '-'} classes: {cls or '-'}")
 
     async def one(self, sock: socket.socket, peer: tuple) -> None:
@@ -636,7 +701,165 @@ class Listener:
         finally:
             self.conns.discard(conn)
             self.active -= 1
-            self.say(f"status: {self.active}/{self.args.concurrency}")
+            self.clients.add(-1)
+            self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
+
+
+def bind(args, n: int) -> list[socket.socket]:
+    """Bind HOST:PORT `n` times and listen; return the sockets.
+
+    With n > 1 the sockets share the port (SO_REUSEPORT) and a classic BPF program steers
+    each connection by its source address, so one client address always reaches the same
+    worker.  Raises OSError when the address cannot be bound or the kernel refuses the
+    program (Linux >= 4.5 has it).
+    """
+    host = None if args.host == "0" else args.host
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    addr = (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), args.port)
+    socks = []
+    for _ in range(n):
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if n > 1:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        srv.bind(addr)
+        socks.append(srv)
+    if n > 1:
+        steer_by_source(socks[0], n, family)
+    for srv in socks:
+        srv.listen(args.backlog)
+    return socks
+
+
+def steer_by_source(srv: socket.socket, n: int, family: int) -> None:
+    """Attach to `srv`'s SO_REUSEPORT group: socket = (last 32 bits of the source address) mod n.
+
+    The per-IP cap is counted in each worker's memory: it is exact only if every connection
+    from one address reaches one worker, which the kernel's default (a hash of the whole
+    4-tuple, ports included) does not give.  OSError if the kernel refuses it.
+    """
+    import ctypes
+    import struct
+
+    net = -0x100000  # SKF_NET_OFF: offsets from the IP header
+    src = 12 if family == socket.AF_INET else 20  # IPv4 source; the last word of the IPv6 source
+    program = [(0x20, 0, 0, (net + src) & 0xFFFFFFFF),  # A = 32-bit word at the source address
+               (0x94, 0, 0, n),                         # A %= n
+               (0x16, 0, 0, 0)]                         # return A: the socket's index in the group
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    srv.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
+                   struct.pack("@HP", len(program), ctypes.addressof(code)))
+
+
+def drop_privileges(args) -> None:
+    """-g then -u, as tcpserver (after binding, before serving).  OSError if not permitted."""
+    if args.gid is not None:
+        os.setgroups([args.gid])
+        os.setgid(args.gid)
+    if args.uid is not None:
+        os.setuid(args.uid)
+
+
+def run_worker(listener: Listener, srv: socket.socket) -> int:
+    """One worker's event loop until SIGTERM has drained it; return its exit status."""
+    try:
+        asyncio.run(listener.serve(srv))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def supervise(listener: Listener, socks: list[socket.socket]) -> int:
+    """--workers: one child per socket; signals forwarded; a worker that dies is started again.
+
+    The supervisor keeps every listening socket open, so a dead worker's clients wait in its
+    queue for its successor instead of being refused.  Returns 0 once SIGTERM has stopped all.
+    """
+    workers: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def start(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
+            listener.clients.slot = listener.backends.slot = slot
+            listener.worker = slot
+            code = 1
+            try:
+                for i, other in enumerate(socks):
+                    if i != slot:
+                        other.close()
+                code = run_worker(listener, socks[slot])
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        workers[pid] = slot
+
+    def forward(sig: int, _frame) -> None:
+        nonlocal stopping
+        stopping = stopping or sig == signal.SIGTERM
+        for pid in list(workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    for slot in range(len(socks)):
+        start(slot)
+    listener.say(f"workers: {len(socks)} ({' '.join(str(p) for p in workers)})")
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = workers.pop(pid, None)
+        if slot is None:
+            continue
+        listener.clients.reset(slot)
+        listener.backends.reset(slot)
+        if not stopping:
+            listener.say(f"worker {pid} ended with status {os.waitstatus_to_exitcode(status)}; starting another")
+            time.sleep(1.0)  # a worker that dies at once must not spin
+            if not stopping:
+                start(slot)
+    return 0
+
+
+def daemonize(opts: dict, socks: list[socket.socket]):
+    """--daemon: detach with python-daemon (umask 022, stderr to --log, --pidfile).
+
+    The working directory stays: -x, the control directory and PROGRAM may be relative, as
+    under tcpserver.
+
+    Returns the open DaemonContext.  Raises OSError if the log cannot be opened or a live
+    process holds the pid file (a stale one, left by a server that had dropped the rights to
+    remove it, is removed).
+    """
+    import daemon
+    import daemon.pidfile
+
+    path = opts.get("pidfile") or PIDFILE
+    try:  # a pid file left by a server that could not remove it after dropping privileges
+        with open(path) as f:
+            old = int(f.read().split()[0])
+        os.kill(old, 0)
+    except (OSError, ValueError, IndexError):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        raise OSError(f"{path}: held by running process {old}")
+    log = open(opts.get("log") or LOGFILE, "a", buffering=1)
+    ctx = daemon.DaemonContext(umask=0o022, working_directory=os.getcwd(), files_preserve=[*socks, log],
+                               pidfile=daemon.pidfile.TimeoutPIDLockFile(path, acquire_timeout=0),
+                               stdout=log, stderr=log, signal_map={}, detach_process=True)
+    ctx.open()
+    sys.stderr = sys.stdout = log
+    return ctx
 
 
 def main(argv: list[str]) -> int:
@@ -644,11 +867,12 @@ def main(argv: list[str]) -> int:
     from libtarpit.serveargs import USAGE, UsageError, parse
 
     try:
-        args = parse(argv, os.environ, long_options=("control=", "config="))
+        args = parse(argv, os.environ, long_options=LONG_OPTIONS)
+        opts = dict(args.options)
+        workers, backend_limit = (_count(opts, name, low) for name, low in (("workers", 1), ("backends", 0)))
     except UsageError as e:
         sys.stderr.write(f"tarpit-smtpd serve: {e}\n{USAGE}\n")
         return 100
-    opts = dict(args.options)
     from libtarpit.config import ConfigError
 
     from tarpit_wrappers.settings import read_config
@@ -659,12 +883,36 @@ def main(argv: list[str]) -> int:
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         sys.stderr.write(f"tarpit-smtpd serve: fatal: {e}\n")
         return 111
-    listener = Listener(args, (text, path or "tarpit.toml"), opts.get("control"), opts.get("config"))
+    listener = Listener(args, (text, path or "tarpit.toml"), opts.get("control"), opts.get("config"),
+                        Counter(workers), Counter(workers), backend_limit)
+    ctx = None
     try:
-        asyncio.run(listener.serve())
+        socks = bind(args, workers)
+        if "daemon" in opts:
+            ctx = daemonize(opts, socks)
+        drop_privileges(args)
     except OSError as e:
         sys.stderr.write(f"tarpit-smtpd serve: fatal: {e}\n")
         return 111
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    if args.remote_info:
+        listener.say("note: -r (ident lookups) is not done; TCPREMOTEINFO stays unset")
+    try:
+        return supervise(listener, socks) if workers > 1 else run_worker(listener, socks[0])
+    finally:
+        if ctx is not None:
+            try:
+                ctx.close()  # removes the pid file, if the user we became still may
+            except OSError:
+                pass
+
+
+def _count(opts: dict, name: str, low: int) -> int:
+    """--NAME=N as an int of at least `low` (absent: `low`); UsageError otherwise."""
+    from libtarpit.serveargs import UsageError
+
+    text = opts.get(name)
+    if text is None:
+        return low
+    if not text.isdigit() or int(text) < low or int(text) > 10000:
+        raise UsageError(f"--{name} wants a number from {low} to 10000, not {text!r}")
+    return int(text)
