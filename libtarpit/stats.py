@@ -17,11 +17,16 @@ Public names:
   network_of      an ip= value -> its client network ("192.0.2.0/24", "2001:db8::/64") or "-"
   auth_summary    events -> AuthSummary: ok / fail per mechanism, failures per client network
   error_summary   events -> ErrorSummary: error lines by what=, greylist store errors
+  delivered_suspicious  events -> NameCount: suspicious clients that passed and delivered
+                  (the s25r-allow upkeep list, most connections first)
+  totals          events -> Totals: every count uncut, per label (for --prometheus)
   build_report    events -> Report (all of the above)
   report_to_dict  Report -> a JSON-ready dict
   format_report   Report -> the text `tarpitctl stats` prints
+  metrics         Report -> the Prometheus metrics (Metric), names tarpit_smtpd_*
+  format_prometheus  metrics -> text in the Prometheus exposition format
   GiveupRow, CumulativeRow, GiveupTable, Funnel, ReasonCount, WarnCount, TlsShare,
-  AuthCount, AuthSummary, ErrorSummary, Report
+  AuthCount, AuthSummary, ErrorSummary, NameCount, Totals, Metric, Report
 
 Counting rules (seed 000): a tarpitted connection counts at most once; one
 that pipelined counts as PL at its first `pipelining` elapsed, otherwise its
@@ -60,6 +65,8 @@ MAX_SECONDS = 86400.0  # an elapsed beyond a day is no tarpit or pause of ours
 GAP_ROWS = 5           # up to this many empty buckets in a row print as zero rows
 _FIELD = 40            # characters of an event or reason printed in the text report
 _DETAIL = 100          # characters of an error's detail printed in the text report
+_HOST = 100            # characters of a client's name printed in the upkeep list
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _MONTHS = {m: i for i, m in enumerate(
     "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), start=1)}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -74,6 +81,16 @@ _REASON_FIELD = {
 }
 _REJECTS = frozenset({"helo_reject", "rcpt_reject", "greylist_defer", "pregreet"})
 _PASSES = frozenset({"tarpit_done", "greylist_pass"})
+_REFUSALS = frozenset({"helo_reject", "rcpt_reject", "pregreet"})
+# AUTH mechanisms a Prometheus label may name; the client names the mechanism, so any
+# other word is counted as "other" (a bot must not create series at will)
+AUTH_MECHANISMS = frozenset(
+    "PLAIN LOGIN CRAM-MD5 DIGEST-MD5 NTLM GSSAPI XOAUTH2 OAUTHBEARER EXTERNAL ANONYMOUS "
+    "SCRAM-SHA-1 SCRAM-SHA-1-PLUS SCRAM-SHA-256 SCRAM-SHA-256-PLUS".split())
+UPKEEP_TOP = 20        # names in the s25r-allow upkeep list
+# end reasons of a session that ran its course: after QUIT and 221 both sides close, and
+# the log says whichever the wrapper saw first
+ENDED_NORMALLY = frozenset({"backend_closed", "client_closed"})
 _WOULD = {
     "tarpit_start": "would tarpit",
     "helo_reject": "would refuse HELO",
@@ -205,6 +222,62 @@ class ErrorSummary:
 
 
 @dataclass(frozen=True)
+class NameCount:
+    """A suspicious client that delivered: its `name` (its address when it had none),
+    how many connections of it delivered (`count`), and the S25R `rule` it matched."""
+
+    name: str
+    count: int
+    rule: str
+
+
+Pairs = tuple[tuple[tuple[str, ...], int], ...]  # ((label values), count), sorted by labels
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Every count uncut, keyed by the values that become Prometheus labels.
+
+    connections  (class,): distinct connections; "none" when no line named a class
+    greet_lost   connections that hung up in the greet pause
+    sat_through  enforced tarpit_done lines (a tarpit sat through)
+    deferrals    (reason,): enforced greylist_defer lines (each a 450)
+    passes       (reason,): greylist_pass lines
+    refusals     (event, reason): enforced helo_reject, rcpt_reject, pregreet lines
+    warn         (event,): mode=warn lines
+    ends         (reason,): end lines
+    errors       (what,): error lines
+    auth         (mechanism, ok|fail): auth lines; mechanisms outside AUTH_MECHANISMS as "other"
+    """
+
+    connections: Pairs
+    greet_lost: int
+    sat_through: int
+    deferrals: Pairs
+    passes: Pairs
+    refusals: Pairs
+    warn: Pairs
+    ends: Pairs
+    errors: Pairs
+    auth: Pairs
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One Prometheus metric family: name, help text, type, label names, samples.
+
+    `samples` are ((label values), value) in a fixed order; a family without
+    labels has one sample with ().
+    """
+
+    name: str
+    help: str
+    type: str
+    labels: tuple[str, ...]
+    samples: tuple[tuple[tuple[str, ...], float], ...]
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything `tarpitctl stats` shows, computed from one list of events."""
 
@@ -216,6 +289,8 @@ class Report:
     tls: TlsShare
     auth: AuthSummary
     errors: ErrorSummary
+    delivered: tuple[NameCount, ...] = ()
+    totals: Totals | None = None
 
 
 def parse_tai64n(stamp: str) -> float:
@@ -415,6 +490,21 @@ class _ConnState:
     lost: bool = False
     greylisted: bool = False
     passed: bool = False
+    cls: str = ""
+    name: str = ""
+    named: bool = False
+    rule: str = ""
+    end: str = ""
+    backend_error: bool = False
+
+
+def _connections(events: Iterable[Event]) -> dict[ConnKey, _ConnState]:
+    """Return each connection's state after all its lines (funnel and upkeep list share it)."""
+    conns: dict[ConnKey, _ConnState] = {}
+    for index, event in enumerate(events):
+        state = conns.setdefault(_conn_key(event, index), _ConnState())
+        _advance(state, event)
+    return conns
 
 
 def funnel(events: Iterable[Event]) -> Funnel:
@@ -426,10 +516,7 @@ def funnel(events: Iterable[Event]) -> Funnel:
     not followed by an enforced reject (helo_reject, rcpt_reject,
     greylist_defer, pregreet).  A connection is identified by conn and pid.
     """
-    conns: dict[ConnKey, _ConnState] = {}
-    for index, event in enumerate(events):
-        state = conns.setdefault(_conn_key(event, index), _ConnState())
-        _advance(state, event)
+    conns = _connections(events)
     values = conns.values()
     return Funnel(
         connections=len(conns),
@@ -441,11 +528,27 @@ def funnel(events: Iterable[Event]) -> Funnel:
 
 
 def _advance(state: _ConnState, event: Event) -> None:
-    if event.get("class") == "suspicious":
+    cls = event.get("class")
+    if cls == "suspicious":
         state.suspicious = True
+    if cls and cls != "-" and not state.cls:
+        state.cls = cls
+    # the name a line carries once the client is classified (after TARPIT_RDNS's own
+    # lookup) wins over an earlier line's; the address stands in for no name
+    host, ip = event.get("host"), event.get("ip")
+    if host and host != "-":
+        state.name, state.named = host, True
+    elif not state.named and ip and ip != "-":
+        state.name = ip
+    if not state.rule and event.get("rule") not in (None, "", "-"):
+        state.rule = event["rule"]
+    name = event.get("event")
+    if name == "end":
+        state.end = event.get("reason") or "-"
+    elif name == "error" and event.get("what") == "backend":
+        state.backend_error = True
     if not _enforced(event):
         return
-    name = event.get("event")
     if name == "tarpit_lost":
         state.lost = True
     if name == "greylist_defer":
@@ -603,9 +706,82 @@ def error_summary(events: Iterable[Event], top: int = 10) -> ErrorSummary:
     )
 
 
+def delivered_suspicious(events: Iterable[Event], top: int = UPKEEP_TOP) -> tuple[NameCount, ...]:
+    """Return the `top` suspicious clients that most often delivered, most connections first.
+
+    The log has no line for a message's 250, so "delivered" is read from what
+    it has, per connection (conn and pid): class=suspicious; passed (an
+    enforced tarpit_done or a greylist_pass, not followed by an enforced
+    helo_reject, rcpt_reject, greylist_defer or pregreet: the funnel's
+    "passed"); an `end` line whose reason is one of ENDED_NORMALLY (after
+    QUIT and 221 the end is backend_closed or client_closed, whichever side
+    closed first); and no `error what=backend` (a backend that died also ends
+    backend_closed).  A connection whose end is not in the log is left out.
+    `name` is the host= value, the ip= value when the client had no name;
+    connections without either are left out.  Ties by name.
+    """
+    counts: Counter[str] = Counter()
+    rules: dict[str, str] = {}
+    for state in _connections(events).values():
+        if (state.suspicious and state.passed and state.end in ENDED_NORMALLY
+                and not state.backend_error and state.name):
+            counts[state.name] += 1
+            rules.setdefault(state.name, state.rule or "-")
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max(top, 0)]
+    return tuple(NameCount(n, c, rules[n]) for n, c in ordered)
+
+
+def _pairs(counts: Mapping[tuple[str, ...], int]) -> Pairs:
+    return tuple(sorted(counts.items()))
+
+
+def totals(events: Iterable[Event]) -> Totals:
+    """Return every count the Prometheus output needs, uncut (see Totals).
+
+    Connections are distinct by conn and pid; the other counts are lines,
+    except greet_lost (connections).  Never raises.
+    """
+    listed = list(events)
+    conns = _connections(listed)
+    greet: set[ConnKey] = set()
+    counts: dict[str, Counter[tuple[str, ...]]] = {
+        k: Counter() for k in ("deferrals", "passes", "refusals", "warn", "ends", "errors", "auth")}
+    sat = 0
+    for index, event in enumerate(listed):
+        name = event.get("event", "")
+        enforced = _enforced(event)
+        if not enforced:
+            counts["warn"][(name,)] += 1
+        elif name == "tarpit_done":
+            sat += 1
+        elif name == "greylist_defer":
+            counts["deferrals"][(event.get("reason") or "-",)] += 1
+        elif name in _REFUSALS:
+            counts["refusals"][(name, event.get("reason") or name)] += 1
+        if name == "greet_lost":
+            greet.add(_conn_key(event, index))
+        elif name == "greylist_pass":
+            counts["passes"][(event.get("reason") or "-",)] += 1
+        elif name == "end":
+            counts["ends"][(event.get("reason") or "-",)] += 1
+        elif name == "error":
+            counts["errors"][(event.get("what") or "-",)] += 1
+        elif name == "auth":
+            mech = (event.get("mech") or "-").upper()
+            counts["auth"][(mech if mech in AUTH_MECHANISMS else "other",
+                            "ok" if event.get("result") == "ok" else "fail")] += 1
+    by_class = Counter((c.cls or "none",) for c in conns.values())
+    return Totals(connections=_pairs(by_class), greet_lost=len(greet), sat_through=sat,
+                  **{k: _pairs(v) for k, v in counts.items()})
+
+
 def build_report(events: Iterable[Event], bucket: int = 10,
-                 marks: Iterable[int] = (35, 45, 65), top: int = 10) -> Report:
-    """Return the whole Report over `events`; raises ValueError if bucket < 1."""
+                 marks: Iterable[int] = (35, 45, 65), top: int = 10,
+                 names: int = UPKEEP_TOP) -> Report:
+    """Return the whole Report over `events`; raises ValueError if bucket < 1.
+
+    `names`: how many entries the upkeep list (delivered_suspicious) keeps.
+    """
     listed = list(events)
     return Report(
         events=len(listed),
@@ -616,6 +792,8 @@ def build_report(events: Iterable[Event], bucket: int = 10,
         tls=tls_share(listed),
         auth=auth_summary(listed, top),
         errors=error_summary(listed, top),
+        delivered=delivered_suspicious(listed, names),
+        totals=totals(listed),
     )
 
 
@@ -670,16 +848,20 @@ def report_to_dict(report: Report) -> dict[str, object]:
             "greylist_details": [{"detail": r.reason, "count": r.count}
                                  for r in report.errors.greylist_details],
         },
+        "delivered_suspicious": [{"name": n.name, "count": n.count, "rule": n.rule}
+                                 for n in report.delivered],
     }
 
 
 def format_report(report: Report) -> str:
-    """Return the text report: seed 000's table, seed 001's funnel, reasons, warn, TLS, AUTH, errors."""
+    """Return the text report: seed 000's table, seed 001's funnel, reasons, warn, TLS, AUTH,
+    errors, and the suspicious clients that delivered."""
     parts = [_format_giveup(report.giveup), _format_funnel(report.funnel),
              _format_reasons(report.reasons)]
     if report.warn:
         parts.append(_format_warn(report.warn))
-    parts += [_format_tls(report.tls), _format_auth(report.auth), _format_errors(report.errors)]
+    parts += [_format_tls(report.tls), _format_auth(report.auth), _format_errors(report.errors),
+              _format_delivered(report.delivered)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -768,3 +950,108 @@ def _format_errors(e: ErrorSummary) -> str:
                      f"connections (it fails open: no greylisting for those)")
         lines += [f"  {r.count:>7} x \"{printable(r.reason, _DETAIL)}\"" for r in e.greylist_details]
     return "\n".join(lines)
+
+
+def _format_delivered(names: tuple[NameCount, ...]) -> str:
+    lines = ["Suspicious clients that delivered (candidates for s25r-allow)",
+             f"  {'name':<52}{'connections':>12}  rule"]
+    lines += [f"  {printable(n.name, _HOST):<52}{n.count:>12}  {printable(n.rule, 4)}"
+              for n in names]
+    if not names:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+# --- Prometheus text exposition format (node_exporter's textfile collector) ----------
+
+PROMETHEUS_PREFIX = "tarpit_smtpd_"
+
+
+def metrics(report: Report) -> tuple[Metric, ...]:
+    """Return the report's counters as Prometheus metric families, names tarpit_smtpd_*.
+
+    Totals over the lines the report was built from (a file rotated away
+    lowers them: Prometheus's rate() and increase() read that as a reset).
+    Raises ValueError if the report has no Totals (built without build_report).
+    """
+    t = report.totals
+    if t is None:
+        raise ValueError("the report has no totals: build it with build_report")
+    f, tls = report.funnel, report.tls
+
+    def fam(name: str, text: str, labels: tuple[str, ...],
+            samples: Iterable[tuple[tuple[str, ...], float]]) -> Metric:
+        return Metric(PROMETHEUS_PREFIX + name, text, "counter", labels, tuple(samples))
+
+    one = (lambda n: (((), n),))
+    return (
+        fam("log_lines_total", "Lines of tarpit-smtpd read from the log files.", (), one(report.events)),
+        fam("connections_total", "Connections seen, by the class the client was given "
+            "(none: refused before it was classified).", ("class",), t.connections),
+        fam("fast_path_total", "Connections handed to the backend by exec (nothing more of "
+            "theirs is logged).", (), one(tls.fast_path)),
+        fam("giveups_total", "Connections whose client hung up during a pause: greet "
+            "(greet_lost) or tarpit (an enforced tarpit_lost).", ("pause",),
+            ((("greet",), t.greet_lost), (("tarpit",), f.lost_in_tarpit))),
+        fam("pipelining_total", "Tarpitted connections that talked before our reply "
+            "(PL in the give-up table).", (), one(sum(r.pl for r in report.giveup.rows))),
+        fam("tarpit_sat_through_total", "Tarpits sat through to the end (enforced tarpit_done "
+            "lines).", (), one(t.sat_through)),
+        fam("greylist_deferrals_total", "Greylist deferrals (450), by reason.", ("reason",),
+            t.deferrals),
+        fam("greylist_passes_total", "Recipients the greylist let through, by reason.",
+            ("reason",), t.passes),
+        fam("passed_total", "Suspicious connections that got through the tarpit or greylist "
+            "and were not refused after it (the funnel's passed).", (), one(f.passed)),
+        fam("refusals_total", "Enforced refusals other than the greylist, by event and reason.",
+            ("event", "reason"), t.refusals),
+        fam("warn_total", "Lines logged with mode=warn (what would have been done), by event.",
+            ("event",), t.warn),
+        fam("ends_total", "Connections that ended (end lines), by reason.", ("reason",), t.ends),
+        fam("errors_total", "Error lines, by what failed.", ("what",), t.errors),
+        fam("tls_total", "Connections by what became of TLS: terminated here, passed through "
+            "to the backend, handshake failed.", ("result",),
+            ((("failed",), tls.failed), (("passthrough",), tls.passthrough),
+             (("terminated",), tls.terminated))),
+        fam("encrypted_total", "Connections whose end line says the client side was "
+            "encrypted (tls=1).", (), one(tls.encrypted)),
+        fam("auth_total", "AUTH exchanges the backend answered, by mechanism (other: a name "
+            "outside the usual ones) and result.", ("mech", "result"), t.auth),
+    )
+
+
+def _label_value(text: str) -> str:
+    # the exposition format's escapes for label values: backslash, double quote, line feed
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _help_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_prometheus(families: Iterable[Metric]) -> str:
+    """Return `families` in the Prometheus text exposition format (version 0.0.4).
+
+    Each family: one # HELP and one # TYPE line, then its samples, one line
+    each; label values escaped (backslash, double quote, line feed).  A family
+    without samples still gets its HELP and TYPE.  Raises ValueError for a
+    name or label name the format does not allow, or a family named twice.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for m in families:
+        for word in (m.name, *m.labels):
+            if not _METRIC_NAME.fullmatch(word) or (word in m.labels and ":" in word):
+                raise ValueError(f"not a valid Prometheus name: {word!r}")
+        if m.name in seen:
+            raise ValueError(f"metric {m.name} given twice")
+        seen.add(m.name)
+        out += [f"# HELP {m.name} {_help_text(m.help)}", f"# TYPE {m.name} {m.type}"]
+        for values, value in m.samples:
+            pairs = ",".join(f'{k}="{_label_value(v)}"' for k, v in zip(m.labels, values))
+            out.append(f"{m.name}{{{pairs}}} {_number(value)}" if pairs else f"{m.name} {_number(value)}")
+    return "\n".join(out) + "\n"

@@ -594,3 +594,291 @@ def test_client_text_in_auth_and_errors_is_printed_escaped(tmp_path):
     assert re.search(r"^  -\s+1\s+0$", section(text, "AUTH"), re.M)   # not an address
     assert re.search(r'^\s+1 x "\?\[31my+\.\.\."$', text, re.M)
     assert re.search(r"^  \?\[1mweird\s+1$", text, re.M)
+
+
+# --- --prometheus and the s25r-allow upkeep list (issues 13 and 14), from a real run ---------
+
+# The exposition format, version 0.0.4 (prometheus.io/docs/instrumenting/exposition_formats):
+# a metric name, optional {label="value",...}, a float, an optional integer timestamp.
+PROM_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+PROM_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+PROM_VALUE = r"(?:[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN)"
+PROM_SAMPLE = re.compile(rf"({PROM_NAME})(?:\{{((?:{PROM_LABEL})(?:,{PROM_LABEL})*,?)?\}})? "
+                         rf"({PROM_VALUE})(?: -?\d+)?")
+PROM_HELP = re.compile(rf"# HELP ({PROM_NAME}) ((?:[^\\\n]|\\[\\n])*)")
+PROM_TYPE = re.compile(rf"# TYPE ({PROM_NAME}) (counter|gauge|histogram|summary|untyped)")
+PROM_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Check `text` against the exposition format strictly; return {(name, labels): value}.
+
+    Every line is a HELP, a TYPE or a sample; each family has one HELP and one TYPE,
+    both before its samples, and its samples together; every name starts tarpit_smtpd_;
+    no series appears twice; label values are unescaped.
+    """
+    assert text.endswith("\n") and "\r" not in text
+    helps, types, samples = {}, {}, {}
+    done: set[str] = set()
+    current = None
+    for n, row in enumerate(text[:-1].split("\n"), 1):
+        if m := PROM_HELP.fullmatch(row):
+            assert m[1] not in helps, f"line {n}: second HELP for {m[1]}"
+            helps[m[1]] = m[2]
+        elif m := PROM_TYPE.fullmatch(row):
+            assert m[1] not in types, f"line {n}: second TYPE for {m[1]}"
+            assert m[1] in helps, f"line {n}: TYPE before HELP"
+            types[m[1]] = m[2]
+        elif m := PROM_SAMPLE.fullmatch(row):
+            name = m[1]
+            assert name in types and name in helps, f"line {n}: {name} before its HELP and TYPE"
+            assert name == current or name not in done, f"line {n}: {name}'s samples are split"
+            if name != current and current is not None:
+                done.add(current)
+            current = name
+            labels = tuple(sorted(
+                (k, re.sub(r"\\(.)", lambda e: "\n" if e[1] == "n" else e[1], v))
+                for k, v in PROM_PAIR.findall(m[2] or "")))
+            assert len({k for k, _ in labels}) == len(labels), f"line {n}: a label twice"
+            assert (name, labels) not in samples, f"line {n}: series {name}{labels} twice"
+            samples[(name, labels)] = float(m[3])
+            continue
+        else:
+            raise AssertionError(f"line {n} is not in the exposition format: {row!r}")
+        if current is not None:
+            done.add(current)
+            current = None
+    assert set(helps) == set(types)
+    assert all(name.startswith("tarpit_smtpd_") for name in helps)
+    assert all(types[name] == "counter" and name.endswith("_total") for name in types)
+    return samples
+
+
+PATIENT_IP, QUITTER_IP, LIAR_IP, TRUSTED_IP, SHY_IP = (
+    "127.0.0.6", "127.0.1.3", "127.0.2.7", "127.0.0.4", "127.0.0.5")  # taRgrey keys on the /24
+PATIENT_NAME = "p5678-ipbf56abcdef.tokyo.ocn.ne.jp"
+QUITTER_NAME = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
+LIAR_NAME = "p2345-ipbf11abcdef.osaka.ocn.ne.jp"
+KNOBS = 'TARPIT="1",TARPIT_GREYLIST_DELAY="60"'
+RUN_RULES = f"""
+{PATIENT_IP}:allow,TCPREMOTEHOST="{PATIENT_NAME}",{KNOBS}
+{QUITTER_IP}:allow,TCPREMOTEHOST="{QUITTER_NAME}",{KNOBS}
+{LIAR_IP}:allow,TCPREMOTEHOST="{LIAR_NAME}",{KNOBS}
+{TRUSTED_IP}:allow,TCPREMOTEHOST="mx.partner.example",RELAYCLIENT=""
+{SHY_IP}:allow,TCPREMOTEHOST="mail.example.net",GREETDELAY="2"
+"""
+
+
+def lying_helo(server, src: str) -> bytes:
+    """A bot that greets with someone else's address literal; returns the HELO reply."""
+    from conftest import recv_reply
+
+    sock = server.connect(src)
+    try:
+        assert recv_reply(sock).startswith(b"220")
+        sock.sendall(b"HELO [8.8.8.8]\r\n")  # public: documentation ranges pass as private
+        reply = recv_reply(sock)
+        sock.sendall(b"QUIT\r\n")
+        recv_reply(sock)
+        return reply
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def real_log(tarpit_server):
+    """A log written by a real tcpserver -> tarpit-smtpd -> tarpit-sink run (see the test)."""
+    from conftest import recv_reply
+    from test_targrey_e2e import attempt
+
+    server = tarpit_server(RUN_RULES)
+    assert attempt(server, PATIENT_IP, deliver=True).startswith(b"250")  # sits through the tarpit
+    assert attempt(server, PATIENT_IP, deliver=True).startswith(b"250")  # whitelisted now
+    assert attempt(server, QUITTER_IP, give_up_after=0.3) == b""         # leaves in the tarpit
+    server.wait_log("event=end reason=tarpit_lost")
+    assert attempt(server, QUITTER_IP).startswith(b"450 ")               # retries too early
+    assert lying_helo(server, LIAR_IP).startswith(b"5")
+    with smtplib_from(server, TRUSTED_IP) as s:                          # fast path
+        assert s.noop()[0] == 250
+    sock = server.connect(SHY_IP)                                        # leaves in the greet pause
+    sock.close()
+    server.wait_log("event=greet_lost")
+    server.wait_log(r"event=end reason=greet_lost")
+    assert len(server.messages()) == 2
+    deadline = time.monotonic() + 10  # every wrapper has exited, so all its lines are written
+    while server.log().count("tcpserver: pid ") != server.log().count("tcpserver: end "):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    return server.logfile
+
+
+def smtplib_from(server, src: str):
+    import smtplib
+
+    return smtplib.SMTP("127.0.0.1", server.port, source_address=(src, 0), timeout=30)
+
+
+def test_prometheus_counters_from_a_real_run(real_log):
+    done = tarpitctl("--prometheus", real_log)
+    assert done.returncode == 0, done.stderr
+    got = prometheus_samples(done.stdout.decode())
+
+    def value(name: str, **labels: str) -> float:
+        return got[("tarpit_smtpd_" + name, tuple(sorted(labels.items())))]
+
+    # Five suspicious connections (two from the patient MTA, two from the quitter, one
+    # liar), one trusted, one normal: what the run above did, read back from its log.
+    assert value("connections_total", **{"class": "suspicious"}) == 5
+    assert value("connections_total", **{"class": "trusted"}) == 1
+    assert value("connections_total", **{"class": "normal"}) == 1
+    assert value("fast_path_total") == 1
+    assert value("giveups_total", pause="tarpit") == 1
+    assert value("giveups_total", pause="greet") == 1
+    assert value("greylist_deferrals_total", reason="too_early") == 1
+    assert value("greylist_passes_total", reason="whitelisted") == 1
+    assert value("tarpit_sat_through_total") == 1
+    assert value("passed_total") == 2
+    assert value("refusals_total", event="helo_reject", reason="literal") == 1
+    # after QUIT and 221 the end is backend_closed or client_closed, whichever closed first
+    assert sum(v for (name, labels), v in got.items() if name == "tarpit_smtpd_ends_total"
+               and labels in ((("reason", "backend_closed"),), (("reason", "client_closed"),))) == 4
+    assert value("ends_total", reason="tarpit_lost") == 1
+    assert value("ends_total", reason="greet_lost") == 1
+    assert value("tls_total", result="terminated") == 0
+    names = {name for name, _ in got}
+    assert {"tarpit_smtpd_errors_total", "tarpit_smtpd_auth_total"}.isdisjoint(names)  # none seen
+    assert "# TYPE tarpit_smtpd_errors_total counter" in done.stdout.decode()  # but declared
+
+    # The same file read as JSON carries the same numbers: one aggregate, two forms.
+    data = json.loads(tarpitctl("--json", real_log).stdout)
+    assert data["funnel"]["passed"] == value("passed_total")
+    assert data["funnel"]["lost_in_tarpit"] == value("giveups_total", pause="tarpit")
+
+
+def test_suspicious_names_that_delivered_are_listed_from_a_real_run(real_log):
+    data = json.loads(tarpitctl("--json", real_log).stdout)
+    # Only the MTA that sat through and delivered: not the one that left in the tarpit and
+    # retried too early, not the one refused at HELO, not the trusted or normal clients.
+    assert data["delivered_suspicious"] == [{"name": PATIENT_NAME, "count": 2, "rule": "1"}]
+    text = section(tarpitctl(real_log).stdout.decode(), "Suspicious clients that delivered")
+    assert re.search(rf"^  {re.escape(PATIENT_NAME)}\s+2  1$", text, re.M)
+    assert QUITTER_NAME not in text and LIAR_NAME not in text
+
+
+UPKEEP_LOG = [
+    # delivered three times, the last connection greylist-passed
+    *[l for i in (1, 2) for l in (line(i, "connect", host="mx1.isp.example"),
+                                   line(i, "tarpit_done", host="mx1.isp.example", stage="rcpt",
+                                        elapsed=65.0),
+                                   line(i, "end", host="mx1.isp.example", reason="backend_closed",
+                                        duration=66.0))],
+    line(3, "greylist_pass", host="mx1.isp.example", reason="whitelisted"),
+    line(3, "end", host="mx1.isp.example", reason="client_closed", duration=1.0),
+    # no name: listed by its address
+    line(4, "tarpit_done", host="-", ip="203.0.113.9", stage="rcpt", elapsed=65.0),
+    line(4, "end", host="-", ip="203.0.113.9", reason="backend_closed", duration=66.0),
+    # passed, then its recipient was refused: not delivered
+    line(5, "tarpit_done", host="bot.example", stage="rcpt", elapsed=65.0),
+    line(5, "rcpt_reject", host="bot.example", rcpt="x@example.com", reason="unknown_user"),
+    line(5, "end", host="bot.example", reason="backend_closed", duration=66.0),
+    # passed, but the backend died under it
+    line(6, "tarpit_done", host="crash.example", stage="rcpt", elapsed=65.0),
+    line(6, "error", host="crash.example", what="backend", detail="closed in mid-session"),
+    line(6, "end", host="crash.example", reason="backend_closed", duration=66.0),
+    # passed, then idled out; and one whose end is not in the log
+    line(7, "tarpit_done", host="gone.example", stage="rcpt", elapsed=65.0),
+    line(7, "end", host="gone.example", reason="timeout", duration=130.0),
+    line(8, "tarpit_done", host="later.example", stage="rcpt", elapsed=65.0),
+    # a normal client: not suspicious, not a candidate
+    line(9, "connect", "normal", host="mail.example.org"),
+    line(9, "end", "normal", host="mail.example.org", reason="backend_closed", duration=0.3),
+    # warn mode: the tarpit was not real
+    line(10, "tarpit_start", host="warn.example", stage="rcpt", seconds=65, mode="warn"),
+    line(10, "end", host="warn.example", reason="backend_closed", duration=0.3),
+]
+
+
+def test_upkeep_list_rules_and_names_option(tmp_path):
+    log = write(tmp_path / "log", UPKEEP_LOG)
+    data = json.loads(tarpitctl("--json", log).stdout)["delivered_suspicious"]
+    assert data == [{"name": "mx1.isp.example", "count": 3, "rule": "1"},
+                    {"name": "203.0.113.9", "count": 1, "rule": "1"}]
+    one = json.loads(tarpitctl("--json", "--names", "1", log).stdout)["delivered_suspicious"]
+    assert [d["name"] for d in one] == ["mx1.isp.example"]
+    empty = write(tmp_path / "empty", [line(1, "connect")])
+    assert section(tarpitctl(empty).stdout.decode(),
+                   "Suspicious clients that delivered").endswith("  (none)")
+
+
+def test_prometheus_label_values_are_escaped_and_mechanisms_capped(tmp_path):
+    weird = 'a"b\\c'
+    log = write(tmp_path / "log", [
+        line(1, "error", what=weird, detail="x"),
+        line(2, "auth", mech="PLAIN", result="ok"),
+        *[line(3 + i, "auth", mech=f"MADEUP{i}", result="fail", code=504) for i in range(50)],
+        line(60, "helo_reject", helo="foo", reason="nodot", mode="warn"),
+    ])
+    done = tarpitctl("--prometheus", log)
+    assert done.returncode == 0, done.stderr
+    got = prometheus_samples(done.stdout.decode())
+    assert got[("tarpit_smtpd_errors_total", (("what", weird),))] == 1
+    assert 'what="a\\"b\\\\c"' in done.stdout.decode()
+    auth = {labels: v for (name, labels), v in got.items() if name == "tarpit_smtpd_auth_total"}
+    assert auth == {(("mech", "PLAIN"), ("result", "ok")): 1,
+                    (("mech", "other"), ("result", "fail")): 50}
+    assert got[("tarpit_smtpd_warn_total", (("event", "helo_reject"),))] == 1
+
+
+def test_prometheus_respects_since_and_excludes_json(tmp_path):
+    now = time.time()
+    log = write(tmp_path / "current", [
+        tai64n(now - 10 * 86400) + " " + line(1, "connect"),
+        tai64n(now - 60) + " " + line(2, "connect", "normal"),
+    ])
+    got = prometheus_samples(tarpitctl("--prometheus", "--since", "1d", log).stdout.decode())
+    assert got[("tarpit_smtpd_connections_total", (("class", "normal"),))] == 1
+    assert ("tarpit_smtpd_connections_total", (("class", "suspicious"),)) not in got
+    assert got[("tarpit_smtpd_log_lines_total", ())] == 1
+    assert tarpitctl("--prometheus", "--json", log).returncode == 100
+
+
+def test_the_validator_rejects_what_the_format_forbids():
+    good = "# HELP tarpit_smtpd_x_total x\n# TYPE tarpit_smtpd_x_total counter\ntarpit_smtpd_x_total 1\n"
+    assert prometheus_samples(good) == {("tarpit_smtpd_x_total", ()): 1.0}
+    for bad in (good + good.splitlines()[-1] + "\n",                       # series twice
+                good.replace("# HELP tarpit_smtpd_x_total x\n", ""),        # no HELP
+                good.replace(" 1\n", ' {a="1"} 1\n'),                       # space before labels
+                good.replace(" 1\n", '{a="x\ny"} 1\n'),                     # raw line feed
+                good.replace(" 1\n", '{a="x"y"} 1\n'),                      # raw quote
+                good + "# HELP tarpit_smtpd_x_total again\n"):              # HELP twice
+        with pytest.raises(AssertionError):
+            prometheus_samples(bad)
+
+
+def test_deployment_cron_line_writes_the_textfile_atomically(tmp_path):
+    """Run docs/deployment.md's cron command for real, its paths moved under tmp_path."""
+    doc = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+    [cron] = [l for l in doc.splitlines() if "--prometheus" in l and l.lstrip()[:1] in "*0123456789"]
+    fields = cron.split(None, 6)
+    assert fields[5] == "root", "an /etc/cron.d line names its user"
+    command = fields[6]
+    textdir = tmp_path / "node-exporter"
+    textdir.mkdir()
+    logdir = tmp_path / "smtpd"
+    logdir.mkdir()
+    write(logdir / "current", [line(1, "connect"), line(1, "tarpit_lost", stage="rcpt", elapsed=3.0)])
+    command = (command.replace("/var/lib/prometheus/node-exporter", str(textdir))
+               .replace("/var/log/qmail/smtpd", str(logdir))
+               .replace("/usr/local/bin/tarpitctl", "tarpitctl"))
+    assert str(textdir) in command and str(logdir) in command
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in textdir.iterdir()] == ["tarpit_smtpd.prom"], "no temporary file left"
+    got = prometheus_samples((textdir / "tarpit_smtpd.prom").read_text())
+    assert got[("tarpit_smtpd_giveups_total", (("pause", "tarpit"),))] == 1
+    # A failing run (the log is gone) leaves the last good file alone, and no temporary file.
+    (logdir / "current").unlink()
+    failed = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=60)
+    assert b"no such file or directory" in failed.stderr  # cron mails it to root
+    assert [p.name for p in textdir.iterdir()] == ["tarpit_smtpd.prom"]
+    assert prometheus_samples((textdir / "tarpit_smtpd.prom").read_text()) == got

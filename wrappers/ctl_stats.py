@@ -1,6 +1,8 @@
-"""tarpitctl stats: seed 000's give-up table, seed 001's funnel, TLS, AUTH and errors from logs.
+"""tarpitctl stats: seed 000's give-up table, seed 001's funnel, TLS, AUTH, errors and the
+suspicious clients that delivered, from logs; or the counters for Prometheus.
 
-  tarpitctl stats [--bucket 10] [--since WHEN] [--json] [--png FILE] LOGFILE...
+  tarpitctl stats [--bucket 10] [--since WHEN] [--names 20] [--json | --prometheus]
+                  [--png FILE] LOGFILE...
 
 LOGFILE is a plain file, a gzip file (by content, whatever its name), a
 multilog directory (its @….s/@….u files in order, then `current`) or `-` for
@@ -43,7 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, metavar="N",
                         help="how many reasons, error kinds and AUTH-failing networks "
                              "to list (default 10)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--names", type=int, default=stats.UPKEEP_TOP, metavar="N",
+                        help="how many suspicious clients that delivered to list "
+                             f"(default {stats.UPKEEP_TOP})")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print one JSON object")
+    form.add_argument("--prometheus", action="store_true",
+                      help="print the counters in the Prometheus text format "
+                           "(node_exporter's textfile collector)")
     parser.add_argument("--png", metavar="FILE",
                         help="draw the histogram and cumulative curve (needs matplotlib)")
     parser.add_argument("logfiles", nargs="+", metavar="LOGFILE",
@@ -71,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {untimed} lines had no time and were kept", file=sys.stderr)
     if not events:
         print(f"{PROG}: no tarpit-smtpd lines found", file=sys.stderr)
-    report = stats.build_report(events, args.bucket, marks, args.top)
-    _print(report, args.json)
+    report = stats.build_report(events, args.bucket, marks, args.top, args.names)
+    _print(report, "json" if args.json else "prometheus" if args.prometheus else "text")
     return _draw(report.giveup, args.png) if args.png else 0
 
 
@@ -157,9 +166,11 @@ def _decode(stream: BinaryIO) -> Iterator[str]:
         yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def _print(report: stats.Report, as_json: bool) -> None:
-    if as_json:
+def _print(report: stats.Report, form: str) -> None:
+    if form == "json":
         print(json.dumps(stats.report_to_dict(report), indent=2))
+    elif form == "prometheus":
+        sys.stdout.write(stats.format_prometheus(stats.metrics(report)))
     else:
         sys.stdout.write(stats.format_report(report))
 
