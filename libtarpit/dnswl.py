@@ -8,7 +8,8 @@ Public names:
   trusts       Result + minimum trust level -> bool
   log_lines    Result -> the Log actions admission writes before `connect`
   lookup       one A query with a timeout -> Result (dnspython, imported only here)
-  lookup_for   lookup() with the zone, timeout and server of a Config
+  lookup_async the same for an asyncio driver (the listener), without a thread
+  lookup_for, lookup_for_async   the two with the zone, timeout and server of a Config
 
 An opt-in second opinion for clients S25R finds suspicious: a big sender whose
 outbound names look dynamic, or change, is often listed in a DNSWL by address.
@@ -39,7 +40,8 @@ TYPE_CHECKING = False  # typing costs ~4 ms; this module is imported per connect
 if TYPE_CHECKING:
     from typing import Any, Iterable
 
-__all__ = ["Result", "parse_zone", "query_name", "judge", "trusts", "log_lines", "lookup", "lookup_for"]
+__all__ = ["Result", "parse_zone", "query_name", "judge", "trusts", "log_lines", "lookup", "lookup_async",
+           "lookup_for", "lookup_for_async"]
 
 BLOCKED = "blocked"
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -169,28 +171,83 @@ def lookup(ip: str, zone: str, timeout: float, *, nameservers: list[str] | None 
     Raises ValueError when `ip` is not an IP address, `zone` is not a zone, or `timeout`
     is NaN or infinite; never raises for DNS trouble.
     """
+    qname, done = _prepare(ip, zone, timeout)
+    if done is not None:
+        return done
+    import dns.resolver
+
+    resolver, done = _setup(dns.resolver.Resolver, timeout, nameservers, port)
+    if done is not None:
+        return done
+    try:
+        answer = resolver.resolve(qname, "A", lifetime=timeout, raise_on_no_answer=False)
+    except Exception as e:  # noqa: BLE001 - _answered re-raises what is not DNS trouble
+        return _answered(None, e)
+    return _answered(answer, None)
+
+
+async def lookup_async(ip: str, zone: str, timeout: float, *, nameservers: list[str] | None = None,
+                       port: int = 53) -> Result:
+    """lookup() for an asyncio driver (the listener): the same query and Result, without a thread.
+
+    Raises ValueError as lookup() does; never raises for DNS trouble.
+    """
+    qname, done = _prepare(ip, zone, timeout)
+    if done is not None:
+        return done
+    import dns.asyncresolver
+
+    resolver, done = _setup(dns.asyncresolver.Resolver, timeout, nameservers, port)
+    if done is not None:
+        return done
+    try:
+        answer = await resolver.resolve(qname, "A", lifetime=timeout, raise_on_no_answer=False)
+    except Exception as e:  # noqa: BLE001 - _answered re-raises what is not DNS trouble
+        return _answered(None, e)
+    return _answered(answer, None)
+
+
+def _prepare(ip: str, zone: str, timeout: float) -> tuple[str, Result | None]:
     import math
 
     qname = query_name(ip, zone)
     if math.isnan(timeout) or math.isinf(timeout):
         raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
-    if timeout <= 0:
-        return Result(error="timeout")
+    return qname, (Result(error="timeout") if timeout <= 0 else None)
+
+
+def _setup(make: Any, timeout: float, nameservers: list[str] | None, port: int) -> tuple[Any, Result | None]:
+    """A resolver as libtarpit.rdns sets one up (no cache, one lifetime), or the Result of failing to."""
+    import dns.exception
+
+    from .rdns import _error_token  # one set of error tokens for both lookups
+
+    try:
+        resolver = make(configure=nameservers is None)
+    except (dns.exception.DNSException, OSError) as e:
+        # a missing or empty /etc/resolv.conf is the host's DNS trouble, not a bug
+        return None, Result(error=_error_token(e))
+    if nameservers is not None:
+        resolver.nameservers = list(nameservers)
+        resolver.port = port
+    resolver.lifetime = timeout
+    resolver.cache = None
+    return resolver, None
+
+
+def _answered(answer: Any, error: BaseException | None) -> Result:
+    """The Result of a resolve() that returned `answer` or raised `error` (re-raised unless DNS trouble)."""
     import dns.exception
     import dns.resolver
 
-    # the resolver set-up and the error tokens are rdns's, so both lookups log alike
-    from .rdns import _error_token, _resolver
+    from .rdns import _error_token
 
-    resolver, error = _resolver(timeout, nameservers, port)
-    if error:
-        return Result(error=error)
-    try:
-        answer = resolver.resolve(qname, "A", lifetime=timeout, raise_on_no_answer=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    if isinstance(error, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
         return Result()
-    except (dns.exception.DNSException, OSError, ValueError) as e:
-        return Result(error=_error_token(e))
+    if isinstance(error, (dns.exception.DNSException, OSError, ValueError)):
+        return Result(error=_error_token(error))
+    if error is not None:
+        raise error
     if answer.rrset is None:
         return Result()
     return judge(rr.address for rr in answer.rrset)
@@ -201,7 +258,18 @@ def lookup_for(cfg: Any, ip: str) -> Result:
 
     Raises ValueError as lookup() does (a Config from load_config has a valid zone and server).
     """
+    return lookup(ip, cfg.dnswl_zone, cfg.dnswl_timeout, **_server(cfg))
+
+
+async def lookup_for_async(cfg: Any, ip: str) -> Result:
+    """lookup_async() with the zone, timeout and server of `cfg`, as lookup_for()."""
+    return await lookup_async(ip, cfg.dnswl_zone, cfg.dnswl_timeout, **_server(cfg))
+
+
+def _server(cfg: Any) -> dict[str, Any]:
+    if not cfg.dnswl_server:
+        return {}
     from .rdns import parse_server
 
-    servers, port = parse_server(cfg.dnswl_server) if cfg.dnswl_server else (None, 53)
-    return lookup(ip, cfg.dnswl_zone, cfg.dnswl_timeout, nameservers=servers, port=port)
+    servers, port = parse_server(cfg.dnswl_server)
+    return {"nameservers": servers, "port": port}

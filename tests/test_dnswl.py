@@ -302,6 +302,26 @@ def test_servfail_is_not_listed_with_its_error(servfail_udp):
         dnswl.Result(error="servfail")
 
 
+def test_the_asyncio_lookup_gives_the_same_results(zone_server, silent_udp, servfail_udp):
+    import asyncio
+
+    async def both() -> list[dnswl.Result]:
+        at = {"nameservers": ["127.0.0.1"]}
+        return list(await asyncio.gather(
+            dnswl.lookup_async("127.0.0.2", ZONE, 5.0, port=zone_server.port, **at),
+            dnswl.lookup_async(V6, ZONE, 5.0, port=zone_server.port, **at),
+            dnswl.lookup_async("127.0.0.3", ZONE, 5.0, port=zone_server.port, **at),
+            dnswl.lookup_async("127.0.0.6", ZONE, 5.0, port=zone_server.port, **at),
+            dnswl.lookup_async("127.0.0.2", ZONE, 0.5, port=silent_udp, **at),
+            dnswl.lookup_async("127.0.0.2", ZONE, 5.0, port=servfail_udp, **at),
+            dnswl.lookup_for_async(load_config({"TARPIT_DNSWL": ZONE, "TARPIT_DNSWL_SERVER":
+                                                f"127.0.0.1:{zone_server.port}"}), "127.0.0.5")))
+
+    assert asyncio.run(both()) == [
+        dnswl.Result("127.0.9.2", 2), dnswl.Result("127.0.5.3", 3), dnswl.Result("127.0.0.255", None, "blocked"),
+        dnswl.Result(), dnswl.Result(error="timeout"), dnswl.Result(error="servfail"), dnswl.Result("127.0.9.0", 0)]
+
+
 def test_lookup_for_uses_the_configured_zone_and_server(zone_server):
     cfg = load_config({"TARPIT_DNSWL": ZONE, "TARPIT_DNSWL_SERVER": f"127.0.0.1:{zone_server.port}"})
     assert dnswl.lookup_for(cfg, "127.0.0.2") == dnswl.Result("127.0.9.2", 2)
