@@ -279,7 +279,11 @@ class Connection:
             greylist = gl.Greylist(self.listener.store(cfg), adm.greylist)
         if cfg.tls_cert and adm.route == "proxy":
             self.tls_files = (cfg.tls_cert, cfg.tls_key or None)
-        self.env = env
+        # what differs from the listener's own environment: the whole dict (~1.5 KB) per client
+        # held in a greet pause or tarpit would be the largest thing it keeps
+        base = self.listener.base_env
+        self.env = (tuple((k, v) for k, v in env.items() if base.get(k) != v),
+                    tuple(k for k in base if k not in env))
         self.session = Session(adm.client, adm.policy, adm.lists, greylist, now(),
                                proxy=adm.route == "proxy", tls=self.tls_files is not None,
                                full=self.listener.full if self.listener.backend_limit else None)
@@ -468,13 +472,13 @@ class Connection:
         ours, theirs = socket.socketpair()
         try:
             self.backend_pid, self.backend_exit = self.listener.children.spawn(
-                self.listener.program, self.env, theirs.fileno())
+                self.listener.program, self.listener.environ(self.env), theirs.fileno())
         except OSError as e:
             ours.close()
             return self.session.fail("backend", f"{self.listener.program[0]}: {e.strerror or e}")
         finally:
             theirs.close()
-        self.env = None  # a copy of the whole environment: not worth keeping per held client
+        self.env = None
         loop = asyncio.get_running_loop()
         self.backend = Side(self.from_backend, self.backend_eof)
         loop.create_task(loop.connect_accepted_socket(lambda: self.backend, ours))
@@ -498,7 +502,8 @@ class Connection:
         # non-blocking socket takes EAGAIN for a hang-up (tcpserver hands over a blocking one)
         os.set_blocking(sock.fileno(), True)
         try:
-            _pid, exited = self.listener.children.spawn(self.listener.program, self.env, sock.fileno())
+            _pid, exited = self.listener.children.spawn(self.listener.program, self.listener.environ(self.env),
+                                                        sock.fileno())
         except OSError as e:
             self.act(self.session.fail("exec", f"{self.listener.program[0]}: {e.strerror or e}"))
             return
@@ -546,6 +551,14 @@ class Listener:
         self._configs: dict[tuple, Any] = {}
         self._config_vars: tuple[str, ...] = ()
         self._resolver = None
+
+    def environ(self, diff: tuple) -> dict[str, str]:
+        """The backend's environment from a connection's (set, unset) difference to ours."""
+        env = dict(self.base_env)
+        env.update(diff[0])
+        for name in diff[1]:
+            del env[name]
+        return env
 
     def full(self) -> int:
         """The backend limit when that many backends run already (the session then says 421), else 0."""
@@ -686,11 +699,13 @@ class Listener:
                  f"phases: {fields or '-'} classes: {cls or '-'}")
 
     async def one(self, sock: socket.socket, peer: tuple) -> None:
+        """Admit one client and start its session; the session then runs on callbacks alone, so
+        no task or coroutine frame stays alive per held client."""
         conn = Connection(self, sock, peer, sock.getsockname())
         self.conns.add(conn)
+        conn.closed.add_done_callback(lambda _f: self.gone(conn))
         try:
             await conn.run()
-            await conn.closed
         except Exception as e:  # our bug: one line, the client gets 451 if it is still there
             self.say(f"error {type(e).__name__}: {e}")
             try:
@@ -698,11 +713,15 @@ class Listener:
             except OSError:
                 pass
             sock.close()
-        finally:
-            self.conns.discard(conn)
-            self.active -= 1
-            self.clients.add(-1)
-            self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
+            if not conn.closed.done():
+                conn.closed.set_result(None)
+
+    def gone(self, conn: Connection) -> None:
+        """A connection is over (its session closed, or its exec'd backend exited)."""
+        self.conns.discard(conn)
+        self.active -= 1
+        self.clients.add(-1)
+        self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
 
 
 def bind(args, n: int) -> list[socket.socket]:
@@ -834,9 +853,11 @@ def daemonize(opts: dict, socks: list[socket.socket]):
     The working directory stays: -x, the control directory and PROGRAM may be relative, as
     under tcpserver.
 
-    Returns the open DaemonContext.  Raises OSError if the log cannot be opened or a live
-    process holds the pid file (a stale one, left by a server that had dropped the rights to
-    remove it, is removed).
+    Returns the open DaemonContext and a descriptor to write "ready" (or an error) to: the
+    command we were started as waits for it and exits 0 (or prints the error and exits 111),
+    so an init script that runs it finds the pid file written and the port served.  Raises
+    OSError if the log cannot be opened or a live process holds the pid file (a stale one, left
+    by a server that had dropped the rights to remove it, is removed).
     """
     import daemon
     import daemon.pidfile
@@ -854,12 +875,26 @@ def daemonize(opts: dict, socks: list[socket.socket]):
     else:
         raise OSError(f"{path}: held by running process {old}")
     log = open(opts.get("log") or LOGFILE, "a", buffering=1)
-    ctx = daemon.DaemonContext(umask=0o022, working_directory=os.getcwd(), files_preserve=[*socks, log],
+    ready_r, ready = os.pipe()
+    if os.fork() > 0:  # the command as started: wait for the daemon to say how it went
+        os.close(ready)
+        said = b""
+        while chunk := os.read(ready_r, 4096):
+            said += chunk
+        if said == b"ready\n":
+            os._exit(0)
+        sys.stderr.write(said.decode(errors="replace") or "tarpit-smtpd serve: fatal: the daemon died at start\n")
+        os._exit(111)
+    os.close(ready_r)
+    ctx = daemon.DaemonContext(umask=0o022, working_directory=os.getcwd(), files_preserve=[*socks, log, ready],
                                pidfile=daemon.pidfile.TimeoutPIDLockFile(path, acquire_timeout=0),
                                stdout=log, stderr=log, signal_map={}, detach_process=True)
-    ctx.open()
+    try:
+        ctx.open()
+    except Exception as e:  # lockfile's errors are not OSErrors
+        raise OSError(f"{path}: {e}") from None
     sys.stderr = sys.stdout = log
-    return ctx
+    return ctx, ready
 
 
 def main(argv: list[str]) -> int:
@@ -885,15 +920,20 @@ def main(argv: list[str]) -> int:
         return 111
     listener = Listener(args, (text, path or "tarpit.toml"), opts.get("control"), opts.get("config"),
                         Counter(workers), Counter(workers), backend_limit)
-    ctx = None
+    ctx, ready = None, None
     try:
         socks = bind(args, workers)
         if "daemon" in opts:
-            ctx = daemonize(opts, socks)
+            ctx, ready = daemonize(opts, socks)
         drop_privileges(args)
     except OSError as e:
         sys.stderr.write(f"tarpit-smtpd serve: fatal: {e}\n")
+        if ready is not None:
+            os.write(ready, f"tarpit-smtpd serve: fatal: {e}\n".encode())
         return 111
+    if ready is not None:
+        os.write(ready, b"ready\n")
+        os.close(ready)
     if args.remote_info:
         listener.say("note: -r (ident lookups) is not done; TCPREMOTEINFO stays unset")
     try:
