@@ -275,3 +275,41 @@ def test_daemon_detaches_writes_its_pid_file_and_removes_it_on_sigterm(tmp_path)
             break
         time.sleep(0.05)  # the pid file goes just before the process does
     assert state in ("gone", "Z"), f"process {pid} still running ({state})"
+
+
+def test_two_thousand_clients_held_in_the_greet_pause_by_one_process(tarpit_server):
+    """A bot storm: every client waits in the greet pause, no backend started, one process."""
+    import resource
+    import signal
+
+    n = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * n + 200:  # our clients and the listener's ends; the listener inherits the limit
+        assert hard >= 2 * n + 200, f"RLIMIT_NOFILE hard limit {hard} is below {2 * n + 200}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2 * n + 200, hard))
+    rules = SERVE_RULES + '127.1.:allow,GREETDELAY="600"\n'
+    server = tarpit_server(rules, listener=True, concurrency=n + 10)
+    held = []
+    try:
+        for i in range(n):
+            held.append(socket.create_connection(("127.0.0.1", server.port),
+                                                 source_address=(f"127.1.{i // 200}.{i % 200 + 1}", 0), timeout=30))
+        deadline = time.monotonic() + 60
+        while len(server.events("connect")) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.proc.send_signal(signal.SIGUSR1)
+        line = server.wait_log(r"snapshot .*", timeout=30).group(0)
+        assert f"active={n} backends=0 " in line and f"sleeping:greet={n}" in line, line
+        with smtp_from(server, GOOD) as s:  # the held ones do not stop a good client
+            assert s.noop()[0] == 250
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 60
+    while len(server.events("end")) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ends = server.events("end")
+    assert len(ends) == n and {e["reason"] for e in ends} == {"greet_lost"}
+    assert len({e["pid"] for e in server.events("connect")}) == 1, "one process held them all"
+    server.proc.send_signal(signal.SIGUSR1)
+    assert server.wait_log(r"snapshot active=0 backends=0 ", timeout=30)
