@@ -38,10 +38,11 @@ from .actions import Log
 
 TYPE_CHECKING = False  # typing costs ~4 ms; this module is imported per connection when on
 if TYPE_CHECKING:
-    from typing import Any, Iterable
+    from collections.abc import Iterable
+    from typing import Any
 
-__all__ = ["Result", "parse_zone", "query_name", "judge", "trusts", "log_lines", "lookup", "lookup_async",
-           "lookup_for", "lookup_for_async"]
+__all__ = ["Result", "judge", "log_lines", "lookup", "lookup_async", "lookup_for", "lookup_for_async",
+           "parse_zone", "query_name", "trusts"]
 
 BLOCKED = "blocked"
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -74,9 +75,7 @@ def parse_zone(text: str) -> str:
     characters, a character other than letters, digits, "-" and "_", or a zone too long
     to hold an IPv6 query name (over 189 characters).
     """
-    zone = text.strip().lower()
-    if zone.endswith("."):
-        zone = zone[:-1]
+    zone = text.strip().lower().removesuffix(".")
     labels = zone.split(".")
     if not zone or len(zone) > _MAX_ZONE or any(
             not 0 < len(label) <= 63 or not _LABEL_CHARS.issuperset(label) for label in labels):
