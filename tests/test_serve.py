@@ -313,3 +313,62 @@ def test_two_thousand_clients_held_in_the_greet_pause_by_one_process(tarpit_serv
     assert len({e["pid"] for e in server.events("connect")}) == 1, "one process held them all"
     server.proc.send_signal(signal.SIGUSR1)
     assert server.wait_log(r"snapshot active=0 backends=0 ", timeout=30)
+
+
+STALLING_BACKEND = r'''
+import sys, time
+out, inp = sys.stdout.buffer, sys.stdin.buffer
+def say(line):
+    out.write(line + b"\r\n"); out.flush()
+say(b"220 stall.example ESMTP")
+while line := inp.readline():
+    verb = line[:4].upper()
+    if verb == b"DATA":
+        say(b"354 go ahead")
+        time.sleep(4)  # a backend busy elsewhere: the client's body must wait, not pile up in the listener
+        size = 0
+        while (body := inp.readline()) not in (b".\r\n", b""):
+            size += len(body)
+        open(sys.argv[1], "w").write(str(size))
+        say(b"250 ok")
+    elif verb == b"QUIT":
+        say(b"221 bye"); break
+    else:
+        say(b"250 ok")
+'''
+
+
+def test_a_backend_slower_than_its_client_stops_the_listener_reading_the_client(tarpit_server, tmp_path):
+    import sys
+    import threading
+
+    script, size_file = tmp_path / "stall.py", tmp_path / "size"
+    script.write_text(STALLING_BACKEND)
+    server = tarpit_server(SERVE_RULES, listener=True, control_files={"rcptusers": "bob\n"},
+                           command=["tarpit-smtpd", sys.executable, str(script), str(size_file)])
+    body = b"".join(b"%07d " % i + b"x" * 90 + b"\r\n" for i in range(400_000))  # 40 MB
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=(GOOD, 0), timeout=60)
+    assert recv_reply(sock).startswith(b"220")
+    for line in (b"HELO mail.example.com\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<bob@example.com>\r\n",
+                 b"DATA\r\n"):
+        sock.sendall(line)
+        assert recv_reply(sock)[:1] in (b"2", b"3")
+    rss = []
+
+    def rss_kb() -> int:
+        for line in open(f"/proc/{server.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    before = rss_kb()
+    sender = threading.Thread(target=sock.sendall, args=(body + b".\r\n",))
+    sender.start()
+    for _ in range(30):  # during the backend's 4 s stall
+        rss.append(rss_kb())
+        time.sleep(0.1)
+    sender.join(60)
+    assert recv_reply(sock).startswith(b"250")
+    assert int(size_file.read_text()) == len(body), "every byte arrived"
+    assert max(rss) - before < 16 * 1024, f"the listener grew by {max(rss) - before} KB holding a 40 MB body"
+    sock.close()

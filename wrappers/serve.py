@@ -139,13 +139,21 @@ class Children:
 
 
 class Side(asyncio.Protocol):
-    """One socket of a connection (client or backend): bytes in go to `on_data`, EOF to `on_eof`."""
+    """One socket of a connection (client or backend): bytes in go to `on_data`, EOF to `on_eof`,
+    and `on_full(True/False)` when what we write to it piles up past asyncio's high-water mark
+    (64 KiB) and when it has drained: the other side stops being read meanwhile."""
 
-    __slots__ = ("on_data", "on_eof", "transport")
+    __slots__ = ("on_data", "on_eof", "on_full", "transport")
 
-    def __init__(self, on_data, on_eof):
-        self.on_data, self.on_eof = on_data, on_eof
+    def __init__(self, on_data, on_eof, on_full):
+        self.on_data, self.on_eof, self.on_full = on_data, on_eof, on_full
         self.transport: asyncio.Transport | None = None
+
+    def pause_writing(self) -> None:
+        self.on_full(True)
+
+    def resume_writing(self) -> None:
+        self.on_full(False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -166,7 +174,7 @@ class Connection:
 
     __slots__ = ("listener", "sock", "peer", "local", "client", "backend", "backend_pid", "backend_exit",
                  "session", "log", "sleeping", "timer", "tls", "tls_pending", "tls_files", "pipe", "closed",
-                 "ip", "env", "__weakref__")
+                 "ip", "env", "client_full", "backend_full", "__weakref__")
 
     def __init__(self, listener: Listener, sock: socket.socket, peer: tuple, local: tuple):
         self.listener = listener
@@ -182,6 +190,7 @@ class Connection:
         self.tls: Any = None
         self.tls_files: Any = None
         self.pipe = False
+        self.client_full = self.backend_full = False  # our writes to it wait in its transport
         self.closed = asyncio.get_running_loop().create_future()
         self.ip = ""
 
@@ -289,7 +298,7 @@ class Connection:
                                full=self.listener.full if self.listener.backend_limit else None)
         loop = asyncio.get_running_loop()
         _, self.client = await loop.connect_accepted_socket(
-            lambda: Side(self.from_client, self.client_eof), self.sock)
+            lambda: Side(self.from_client, self.client_eof, self.client_filled), self.sock)
         self.client.transport.pause_reading()  # nothing is read before the session asks for it
         self.act(self.session.start())
 
@@ -332,7 +341,7 @@ class Connection:
         if s.phase == "tls":  # the handshake reads the client; its own timer bounds it
             self.client.transport.resume_reading()
             return
-        if self.pipe or s.wants_client():
+        if (self.pipe or s.wants_client()) and not self.backend_full:
             self.client.transport.resume_reading()
         else:
             self.client.transport.pause_reading()
@@ -396,8 +405,7 @@ class Connection:
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_later(seconds, self.wake)
         self.client.transport.resume_reading()
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.pause_reading()  # the session takes nothing while it sleeps
+        self.backend_reading()  # paused: the session takes nothing while it sleeps
 
     def wake(self, disconnected: bool = False) -> None:
         from libtarpit.sleep import Outcome, SleepResult
@@ -409,8 +417,7 @@ class Connection:
             self.timer.cancel()
             self.timer = None
         self.client.transport.pause_reading()
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.resume_reading()
+        self.backend_reading()
         result = SleepResult(Outcome.DISCONNECTED if disconnected else Outcome.ELAPSED,
                              round(now() - sl["start"], 3), sl["early"], sl["early_at"])
         self.act(self.session.sleep_done(result, now()))
@@ -480,9 +487,32 @@ class Connection:
             theirs.close()
         self.env = None
         loop = asyncio.get_running_loop()
-        self.backend = Side(self.from_backend, self.backend_eof)
+        self.backend = Side(self.from_backend, self.backend_eof, self.backend_filled)
         loop.create_task(loop.connect_accepted_socket(lambda: self.backend, ours))
         return []
+
+    def backend_filled(self, full: bool) -> None:
+        """Back pressure: a backend slower than its client (a message body) stops the client's reads."""
+        self.backend_full = full
+        if full:
+            self.client.transport.pause_reading()
+        else:
+            self.schedule()
+
+    def client_filled(self, full: bool) -> None:
+        """Back pressure: a client slower than the backend (pass-through) stops the backend's reads."""
+        self.client_full = full
+        self.backend_reading()
+
+    def backend_reading(self) -> None:
+        """Read the backend unless a sleep holds the session or the client cannot take more."""
+        t = self.backend.transport if self.backend is not None else None
+        if t is None or t.is_closing():
+            return
+        if self.sleeping is None and not self.client_full:
+            t.resume_reading()
+        else:
+            t.pause_reading()
 
     def from_backend(self, data: bytes) -> None:
         if self.pipe:
