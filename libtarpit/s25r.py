@@ -1,13 +1,20 @@
 """S25R: is this client's reverse name the kind end-user lines get?
 
 Public names:
-  RULES             the published S25R rules 1-6 as compiled regexes (rule number -> pattern)
+  RULES             the published S25R rules 1-6 as compiled regexes (rule number -> pattern),
+                    built on first access
+  RULE_SOURCES      the same rules as pattern text (rule number -> str)
   RULE_NOTES        one short phrase per rule 0-7, for logs and `tarpitctl s25r`
   EXTRA_RULE        the rule number reported for the optional extra patterns (7)
-  Verdict           frozen result: rule matched (or None) and the allow-list entry that overrode it
+  DYNAMIC_WORDS     the dynamic-pool words of rule 7
+  HINT_WORDS        the mail-server words that outrank rules 1-5 (never a dynamic word)
+  Verdict           frozen result: rule matched (or None), the allow-list entry and the
+                    hint that overrode it
   match_rule        the first rule (0-6, then 7 if extra=True) a reverse name matches, or None
+  server_hint       the mail-server word that outranks rules 1-5 for a name, or None
   AllowList         parsed `s25r-allow` file: name suffixes, exact names, /regex/, IP/CIDR
-  classify          allow-list first, then the rules -> Verdict
+  classify          allow-list first, then the rules and hints -> Verdict
+  explain           the same decision as classify, in sentences (`tarpitctl s25r --explain`)
 
 S25R ("Selective SMTP Rejection", Asami Hideo, gabacho-net.jp/anti-spam/) sorts
 clients by the reverse name tcpserver puts in TCPREMOTEHOST.  Rule 0 is "no
@@ -17,7 +24,10 @@ means "looks like an end-user line", which our policy tarpits and greylists.
 
 Precedence, written once here and applied in `classify`: the allow-list wins
 over every rule; name entries count only when the name is trusted
-(forward-confirmed), IP/CIDR entries always.
+(forward-confirmed), IP/CIDR entries always.  Then a mail-server hint (a host
+label word such as "smtp" or "mx") outranks rules 1-5, unless a dynamic-pool
+word sits in the same labels; it never outranks rules 0, 6 or 7.  Why these
+words and defaults: docs/s25r.md, "Measured defaults".
 """
 
 from __future__ import annotations
@@ -33,20 +43,45 @@ if TYPE_CHECKING:
     from os import PathLike
     from typing import Iterable
 
-# Start-up is paid on every connection: only the six rules are compiled at
-# import; the other patterns are strings that re compiles (and caches) on first
-# use, and ipaddress is imported only when an IP entry or lookup needs it.
+# Start-up is paid on every connection: nothing is compiled at import.  The six
+# rules are compiled on first use as one alternation (one compile, one match
+# call: anchored alternatives are tried in rule order, so the first that
+# matches is the first rule); rule 7 and the hints are set look-ups on the
+# words of the host labels, no regex at all; ipaddress is imported only when an
+# IP entry or lookup needs it.
 
 # The published rules, verbatim apart from the needless escaping of "." inside
 # brackets.  Order matters only for which number we report: the first match.
-RULES: dict[int, re.Pattern[str]] = {
-    1: re.compile(r"^[^.]*[0-9][^0-9.]+[0-9]", re.IGNORECASE),
-    2: re.compile(r"^[^.]*[0-9]{5}", re.IGNORECASE),
-    3: re.compile(r"^([^.]+\.)?[0-9][^.]*\.[^.]+\..+\.[a-z]", re.IGNORECASE),
-    4: re.compile(r"^[^.]*[0-9]\.[^.]*[0-9]-[0-9]", re.IGNORECASE),
-    5: re.compile(r"^[^.]*[0-9]\.[^.]*[0-9]\.[^.]+\..+\.", re.IGNORECASE),
-    6: re.compile(r"^(dhcp|dialup|ppp|[achrsvx]?dsl)[^.]*[0-9]", re.IGNORECASE),
+RULE_SOURCES: dict[int, str] = {
+    1: r"^[^.]*[0-9][^0-9.]+[0-9]",
+    2: r"^[^.]*[0-9]{5}",
+    3: r"^([^.]+\.)?[0-9][^.]*\.[^.]+\..+\.[a-z]",
+    4: r"^[^.]*[0-9]\.[^.]*[0-9]-[0-9]",
+    5: r"^[^.]*[0-9]\.[^.]*[0-9]\.[^.]+\..+\.",
+    6: r"^(dhcp|dialup|ppp|[achrsvx]?dsl)[^.]*[0-9]",
 }
+# Inner groups made non-capturing so that `lastgroup` names the rule.
+_RULES_ALTERNATION = "^(?:" + "|".join(
+    f"(?P<r{n}>{src[1:].replace('(', '(?:')})" for n, src in RULE_SOURCES.items()) + ")"
+_rules_re: re.Pattern[str] | None = None
+
+
+def _rules() -> re.Pattern[str]:
+    """Return the six rules as one compiled alternation (compiled once per process)."""
+    global _rules_re
+    if _rules_re is None:
+        _rules_re = re.compile(_RULES_ALTERNATION, re.IGNORECASE)
+    return _rules_re
+
+
+def __getattr__(name: str) -> object:
+    """Build RULES on first access: nothing on the connection path reads it."""
+    if name == "RULES":
+        rules = {n: re.compile(src, re.IGNORECASE) for n, src in RULE_SOURCES.items()}
+        globals()["RULES"] = rules
+        return rules
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 EXTRA_RULE = 7
 
@@ -61,10 +96,10 @@ RULE_NOTES: dict[int, str] = {
     7: "dynamic-looking label (extra pattern)",
 }
 
-# Extra patterns (off by default).  S25R keys on digits in the first labels,
-# so dynamic pools whose names carry a keyword but few digits slip through,
-# e.g. "customer.pool12.isp.example" or "abcdef.dyn.isp.example".  Each token
-# below is a word ISPs use for end-user address space:
+# Extra patterns (rule 7).  S25R keys on digits in the first labels, so
+# dynamic pools whose names carry a keyword but few digits slip through, e.g.
+# "customer.pool12.isp.example" or "abcdef.dyn.isp.example".  Each word below
+# is one ISPs use for end-user address space:
 #   dyn, dynamic, dynip  - "dynamically assigned"; the naming the expired IETF
 #                          draft draft-msullivan-dnsop-generic-naming-schemes
 #                          proposes, and what SpamAssassin's RDNS_DYNAMIC keys on
@@ -75,39 +110,81 @@ RULE_NOTES: dict[int, str] = {
 #   broadband, bband     - retail broadband
 #   dhcp, ppp, pppoe, [achrsvx]dsl - the rule-6 words, but anywhere in the
 #                          first labels rather than only at the very start
-# Only the host part is looked at (never the last two labels), so a provider
-# whose own domain is such a word (dyn.com, cable.example) is not hit.
-_EXTRA_TOKEN = (
-    r"dyn|dynamic|dynip|dial|dialup|dialin|dip|pool|pppool|dpool|cable|cablemodem"
-    r"|catv|broadband|bband|dhcp|ppp|pppoe|[achrsvx]?dsl"
-)
+# A word is a whole run of letters in one of the first three labels, never the
+# last two, so a provider whose own domain is such a word (dyn.com,
+# cable.example) is not hit, nor is "dipole" or "dynamics".
+DYNAMIC_WORDS = frozenset(
+    "dyn dynamic dynip dial dialup dialin dip pool pppool dpool cable cablemodem catv"
+    " broadband bband dhcp ppp pppoe dsl adsl cdsl hdsl rdsl sdsl vdsl xdsl".split())
 # Home lines with a name from a dynamic-DNS service: the label left of the
-# TLD names the service.  Mail from these goes direct-to-MX from a home line.
-_DYNDNS_DOMAIN = r"(^|\.)(dyndns|dyndns-[a-z]+|dynalias|duckdns|no-ip|ddns|dynu)\.[a-z]+$"
-_EXTRA_LABELS = 3
-_TOKEN_SPLIT = r"[^a-z]+"
+# TLD names the service ("dyndns-" followed by letters counts too).  Mail from
+# these goes direct-to-MX from a home line.
+_DYNDNS_SERVICES = frozenset("dyndns dynalias duckdns no-ip ddns dynu".split())
+_HOST_LABELS = 3
+
+# Mail-server hints: a word that names the host's job as a mail server, or the
+# line as a static one.  S25R flags real outbound MTAs whose first label
+# carries a pool number (smtp-out2-04.simnet.is, mail-01-1.mymagenta.at,
+# static-71-117-165-76.prvdri.fios.verizon.net); an end-user line's name does
+# not say "smtp".  A hint outranks rules 1-5 only, and never a dynamic word in
+# the same labels ("mail1-2.dsl.isp.example" stays suspicious).  Only words
+# that turned a measured false positive into a right answer on the corpus,
+# without letting a dynamic name through, are here; "mx", "out", "relay" and
+# "dedicated" gained nothing once the allow-list had the large senders
+# (docs/s25r.md, "Measured defaults").
+HINT_WORDS = frozenset("mail smtp static".split())
+
+# str.translate table: ASCII letters to lower case, every other ASCII
+# character to a space; non-ASCII characters stay (they are never a word here).
+_WORD_TABLE = "".join(
+    c.lower() if c.isalpha() else " " for c in map(chr, range(128)))
 
 
-class Verdict(namedtuple("Verdict", "rule allowed_by", defaults=(None,))):
-    """What S25R and the allow-list say about one client (immutable).
+def _host_words(name: str) -> list[list[str]]:
+    """Return the words of the first three labels, never the last two, per label."""
+    labels = name.lower().split(".")
+    host = labels[: min(_HOST_LABELS, len(labels) - 2)]
+    return [label.translate(_WORD_TABLE).split() for label in host]
+
+
+def _dyndns_service(name: str) -> str | None:
+    """Return "service.tld" when `name` sits under a dynamic-DNS service, else None."""
+    labels = name.lower().rsplit(".", 2)
+    if len(labels) < 2:
+        return None
+    service, tld = labels[-2], labels[-1]
+    if not (tld.isascii() and tld.isalpha()):
+        return None
+    if service in _DYNDNS_SERVICES or (
+            service.startswith("dyndns-") and service[7:].isascii() and service[7:].isalpha()):
+        return f"{service}.{tld}"
+    return None
+
+
+class Verdict(namedtuple("Verdict", "rule allowed_by hint", defaults=(None, None))):
+    """What S25R, the allow-list and the hints say about one client (immutable).
 
     `rule` is 0-6 for the S25R rule that matched, 7 for an extra pattern, None
     for no match.  `allowed_by` is the allow-list entry that overrode the rules
-    (set even when no rule matched: an allow-listed client is trusted).
+    (set even when no rule matched: an allow-listed client is trusted).  `hint`
+    is the mail-server word that outranked rule 1-5 (the client is then normal,
+    not trusted); the rule is still reported, for logs.
     """
 
     __slots__ = ()
 
     @property
     def suspicious(self) -> bool:
-        """True when a rule matched and no allow-list entry overrode it."""
-        return self.rule is not None and self.allowed_by is None
+        """True when a rule matched and neither an allow-list entry nor a hint overrode it."""
+        return self.rule is not None and self.allowed_by is None and self.hint is None
 
     @property
     def reason(self) -> str:
-        """A short phrase for a log line: "rule 1", "allow .google.com", "no match"."""
+        """A short phrase for a log line: "rule 1", "allow .google.com", "hint smtp", "no match"."""
         if self.allowed_by is not None:
             return f"allow {self.allowed_by}"
+        if self.hint is not None:
+            return f"hint {self.hint}"
         if self.rule is None:
             return "no match"
         return f"rule {self.rule}"
@@ -124,16 +201,11 @@ def _normalize(name: str | None) -> str:
 
 
 def _extra_match(name: str) -> bool:
-    """True when the host part of `name` carries a dynamic-pool keyword."""
-    if re.search(_DYNDNS_DOMAIN, name, re.IGNORECASE):
-        return True
-    labels = name.split(".")
-    host = labels[: min(_EXTRA_LABELS, len(labels) - 2)]
-    for label in host:
-        for token in re.split(_TOKEN_SPLIT, label, flags=re.IGNORECASE):
-            if token and re.fullmatch(_EXTRA_TOKEN, token, re.IGNORECASE):
-                return True
-    return False
+    """True when the host part of `name` carries a dynamic-pool word or a dynamic-DNS domain."""
+    for words in _host_words(name):
+        if not DYNAMIC_WORDS.isdisjoint(words):
+            return True
+    return _dyndns_service(name) is not None
 
 
 def match_rule(name: str | None, *, extra: bool = False) -> int | None:
@@ -146,12 +218,34 @@ def match_rule(name: str | None, *, extra: bool = False) -> int | None:
     host = _normalize(name)
     if not host:
         return 0
-    for number, pattern in RULES.items():
-        if pattern.search(host):
-            return number
+    m = _rules().match(host)
+    if m is not None:
+        return int(m.lastgroup[1:])  # type: ignore[index]
     if extra and _extra_match(host):
         return EXTRA_RULE
     return None
+
+
+def server_hint(name: str | None) -> str | None:
+    """Return the mail-server word (HINT_WORDS) that outranks rules 1-5 for `name`, or None.
+
+    None also when a dynamic-pool word sits in the same labels: a hint never
+    outranks a dynamic word.  Looks at the first three labels, never the last
+    two.  Never raises.
+    """
+    host = _normalize(name)
+    if not host:
+        return None
+    found = None
+    for words in _host_words(host):
+        if not DYNAMIC_WORDS.isdisjoint(words):
+            return None
+        if found is None:
+            for word in words:
+                if word in HINT_WORDS:
+                    found = word
+                    break
+    return found
 
 
 _NAME = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
@@ -201,11 +295,13 @@ class AllowList:
     always.  Lookup order: IP, exact, suffix (longest first), regex.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source: str = "<text>") -> None:
+        self.source = source
         self._networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
         self._exact: dict[str, str] = {}
         self._suffixes: dict[str, str] = {}
         self._regexes: list[tuple[re.Pattern[str], str]] = []
+        self._lines: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._networks) + len(self._exact) + len(self._suffixes) + len(self._regexes)
@@ -217,12 +313,13 @@ class AllowList:
         Raises ControlError(source, reason, line) on the first line that is
         not a valid entry (bad regex, bad address or CIDR, stray text).
         """
-        allow = cls()
+        allow = cls(source)
         for number, raw in enumerate(text.splitlines(), start=1):
             try:
                 entry = _split_line(raw)
                 if entry:
                     allow._add(entry)
+                    allow._lines.setdefault(entry, number)
             except ValueError as e:
                 raise ControlError(source, str(e), number) from None
         return allow
@@ -238,11 +335,15 @@ class AllowList:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            return cls()
+            return cls(str(path))
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ControlError(str(path), f"cannot read: {reason}") from None
         return cls.parse(text, str(path))
+
+    def line_of(self, entry: str) -> int | None:
+        """Return the line number `entry` (as `match` returns it) was read from, or None."""
+        return self._lines.get(entry)
 
     def _add(self, entry: str) -> None:
         """Store one entry; raise ValueError if it is not one of the four kinds."""
@@ -325,12 +426,87 @@ def classify(
     *,
     extra: bool = False,
     name_trusted: bool = True,
+    hints: bool = True,
 ) -> Verdict:
-    """Return the Verdict for a client: allow-list first, then the S25R rules.
+    """Return the Verdict for a client: allow-list first, then the S25R rules and hints.
 
-    The rule is always reported (for logs) even when the allow-list overrides
-    it.  Never raises, whatever text `name` and `ip` hold.
+    The rule is always reported (for logs) even when the allow-list or a hint
+    overrides it.  A hint (HINT_WORDS) is looked for only when rule 1-5
+    matched and no allow-list entry did; `hints=False` leaves them out (what
+    bare S25R says).  Never raises, whatever text `name` and `ip` hold.
     """
     rule = match_rule(name, extra=extra)
     allowed_by = allow.match(name, ip, name_trusted=name_trusted) if allow is not None else None
-    return Verdict(rule=rule, allowed_by=allowed_by)
+    hint = None
+    if hints and allowed_by is None and rule is not None and 1 <= rule <= 5:
+        hint = server_hint(name)
+    return Verdict(rule=rule, allowed_by=allowed_by, hint=hint)
+
+
+def explain(
+    name: str | None,
+    ip: str | None,
+    allow: AllowList | None = None,
+    *,
+    extra: bool = False,
+    name_trusted: bool = True,
+    hints: bool = True,
+) -> tuple[Verdict, list[str]]:
+    """Return classify's Verdict and sentences saying what decided it and why.
+
+    The first sentence names what decided (the allow-list entry with its file
+    and line, the hint, the rule, or that nothing matched); the rest say which
+    rule matched and on what part of the name, or why no rule did.  Never raises.
+    """
+    verdict = classify(name, ip, allow, extra=extra, name_trusted=name_trusted, hints=hints)
+    host = _normalize(name)
+    lines: list[str] = []
+    if verdict.allowed_by is not None and allow is not None:
+        entry = verdict.allowed_by
+        line = allow.line_of(entry)
+        where = f"{allow.source}:{line}" if line else allow.source
+        kind = ("an address or network entry" if allow._match_ip(ip) == entry
+                else "a name entry, which counts only for a forward-confirmed name")
+        lines.append(f"decided by: allow-list entry {entry} ({where}), {kind}; "
+                     "the allow-list wins over every rule")
+    elif verdict.hint is not None:
+        label = next((lb for lb in host.split(".") if verdict.hint in lb.lower().translate(_WORD_TABLE).split()), "")
+        lines.append(f"decided by: mail-server hint \"{verdict.hint}\" in label \"{label}\"; "
+                     f"a hint outranks rules 1-5 when no dynamic-pool word is in the first labels")
+    elif verdict.rule is not None:
+        lines.append(f"decided by: rule {verdict.rule} ({RULE_NOTES[verdict.rule]}): suspicious")
+        if hints and 1 <= verdict.rule <= 5:
+            lines.extend(_unused_hint(host))
+    else:
+        lines.append("decided by: no rule matched: not suspicious")
+    lines.extend(_rule_sentences(host, verdict.rule, extra))
+    return verdict, lines
+
+
+def _unused_hint(host: str) -> list[str]:
+    """Return why a hint word in `host` did not outrank the rule (a dynamic word), or []."""
+    words = [w for ws in _host_words(host) for w in ws]
+    hint = next((w for w in words if w in HINT_WORDS), None)
+    dynamic = next((w for w in words if w in DYNAMIC_WORDS), None)
+    if hint is None or dynamic is None:
+        return []
+    return [f"hint \"{hint}\" not used: the dynamic-pool word \"{dynamic}\" is in the same labels"]
+
+
+def _rule_sentences(host: str, rule: int | None, extra: bool) -> list[str]:
+    """Return what the rules saw in `host` (normalized): the pattern and matched part."""
+    if not host:
+        return ["rule 0: no reverse name (TCPREMOTEHOST unset, empty or \"unknown\")"]
+    if rule is not None and rule <= 6:
+        m = _rules().match(host)
+        part = m.group(m.lastgroup) if m is not None and m.lastgroup else ""
+        return [f"rule {rule}: pattern {RULE_SOURCES[rule]} matched \"{part}\""]
+    if rule == EXTRA_RULE:
+        for label, words in zip(host.split("."), _host_words(host)):
+            hit = sorted(DYNAMIC_WORDS.intersection(words))
+            if hit:
+                return [f"rule 7: dynamic-pool word \"{hit[0]}\" in label \"{label}\""]
+        service = _dyndns_service(host)
+        return [f"rule 7: the name is under the dynamic-DNS service {service}"]
+    off = "" if extra else "; rule 7 (dynamic-pool words) is off"
+    return [f"rules 1-6: no pattern matches{off}"]

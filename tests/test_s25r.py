@@ -11,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libtarpit.errors import ControlError
-from libtarpit.s25r import AllowList, Verdict, classify, match_rule
+import re
+
+from libtarpit import s25r
+from libtarpit.s25r import AllowList, Verdict, classify, explain, match_rule, server_hint
 
 SHIPPED = Path(__file__).resolve().parent.parent / "control-examples" / "s25r-allow"
 
@@ -114,6 +117,156 @@ def test_s25r_rule_wins_over_extra() -> None:
     assert match_rule("adsl9.dynamic.isp.example", extra=True) == 6
 
 
+# The rules as one alternation, rule 7 as word sets: the same answers as the
+# published patterns tried one by one and the token regex they replaced.
+NAME_CHARS = st.text(alphabet="abdlnopsy0123456789.-_ADP", max_size=40)
+
+
+def _rules_one_by_one(name: str) -> int | None:
+    for number, pattern in s25r.RULES.items():
+        if pattern.search(name):
+            return number
+    return None
+
+
+def _extra_by_regex(name: str) -> bool:
+    if re.search(r"(^|\.)(dyndns|dyndns-[a-z]+|dynalias|duckdns|no-ip|ddns|dynu)\.[a-z]+$", name, re.I):
+        return True
+    token = (r"dyn|dynamic|dynip|dial|dialup|dialin|dip|pool|pppool|dpool|cable|cablemodem"
+             r"|catv|broadband|bband|dhcp|ppp|pppoe|[achrsvx]?dsl")
+    labels = name.split(".")
+    for label in labels[: min(3, len(labels) - 2)]:
+        for word in re.split(r"[^a-z]+", label, flags=re.I):
+            if word and re.fullmatch(token, word, re.I):
+                return True
+    return False
+
+
+@settings(max_examples=500, deadline=None)
+@given(NAME_CHARS)
+def test_one_alternation_answers_like_the_rules_one_by_one(name: str) -> None:
+    host = name.rstrip(".")
+    if host and host.lower() != "unknown":
+        assert match_rule(name) == _rules_one_by_one(host)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["dyn", "pool", "adsl", "xdsl", "dipole", "mail", "no-ip",
+                                 "duckdns", "dyndns-home", "7", "-", "x", "catv2"]),
+                min_size=1, max_size=6), st.sampled_from(["org", "example", "jp", "c0m"]))
+def test_rule_7_words_answer_like_the_token_regex(parts: list[str], tld: str) -> None:
+    name = ".".join(parts) + "." + tld
+    if match_rule(name) is None:
+        assert (match_rule(name, extra=True) == 7) == _extra_by_regex(name)
+
+
+# --- mail-server hints -----------------------------------------------------------
+
+# real outbound names from tests/data/s25r-corpus.tsv that S25R flags
+HINTED = [
+    ("smtp2-g21.free.fr", 1, "smtp"), ("mail-106120.protonmail.ch", 2, "mail"),
+    ("mail-01-1.mymagenta.at", 1, "mail"), ("mail-108-mta157.mxroute.com", 1, "mail"),
+    ("smtp-out2-04.simnet.is", 1, "smtp"), ("static-71-117-165-76.prvdri.fios.verizon.net", 1, "static"),
+]
+
+
+@pytest.mark.parametrize("name,rule,word", HINTED)
+def test_hint_outranks_rules_1_to_5(name: str, rule: int, word: str) -> None:
+    verdict = classify(name, "203.0.113.9")
+    assert verdict == Verdict(rule=rule, allowed_by=None, hint=word)
+    assert not verdict.suspicious and verdict.reason == f"hint {word}"
+    assert classify(name, "203.0.113.9", hints=False).suspicious
+
+
+@pytest.mark.parametrize("name", [
+    # measured: no gain once the allow-list has the large senders (docs/s25r.md)
+    "mx0e-00007b01.gpphosted.com", "mx-2023-1.gwdg.de", "out1-2.isp.example",
+    "mx-relay09-hz1.antispameurope.com", "dedicated-1-2.host.example",
+])
+def test_words_measured_useless_are_no_hints(name: str) -> None:
+    assert server_hint(name) is None
+    assert classify(name, None).suspicious
+
+
+@pytest.mark.parametrize("name", [
+    "mail1-2.dsl.isp.example", "smtp-1-2.dynamic.isp.example", "static-1-2.pool.isp.example",
+    "mail7-8.cable.isp.example", "smtp1-2-dip.isp.example",
+])
+def test_hint_never_outranks_a_dynamic_word(name: str) -> None:
+    assert server_hint(name) is None
+    assert classify(name, None).suspicious and classify(name, None, extra=True).suspicious
+
+
+@pytest.mark.parametrize("name,rule", [
+    ("unknown", 0), ("dhcp7-mail.isp.example", 6), ("ppp9.smtp.isp.example", 6),
+])
+def test_hint_does_not_outrank_rules_0_and_6(name: str, rule: int) -> None:
+    verdict = classify(name, None)
+    assert verdict.rule == rule and verdict.hint is None and verdict.suspicious
+
+
+def test_hint_does_not_outrank_rule_7() -> None:
+    verdict = classify("mail.duckdns.org", None, extra=True)
+    assert verdict == Verdict(rule=7) and verdict.suspicious
+
+
+@pytest.mark.parametrize("name", [
+    "smtpout01-ext2.partage.renater.fr",  # "smtpout" is not the word "smtp"
+    "mailbox1-2.isp.example", "p1-2.mail.example",  # the last two labels never count
+    "host1-2.a.b.mail.example",  # only the first three labels count
+])
+def test_hint_is_a_whole_word_in_the_first_labels(name: str) -> None:
+    assert server_hint(name) is None
+    assert classify(name, None).suspicious
+
+
+def test_hint_is_not_looked_for_when_no_rule_or_the_allow_list_decided() -> None:
+    assert classify("mail.example.com", None) == Verdict(rule=None)
+    allow = AllowList.parse(".free.fr\n")
+    assert classify("smtp2-g21.free.fr", None, allow) == Verdict(rule=1, allowed_by=".free.fr")
+
+
+# --- explain -----------------------------------------------------------------------
+
+def test_explain_names_the_allow_list_entry_and_its_line() -> None:
+    shipped = AllowList.load(SHIPPED)
+    line = next(i for i, raw in enumerate(SHIPPED.read_text().splitlines(), 1)
+                if raw.strip() == ".free.fr")
+    verdict, why = explain("smtp2-g21.free.fr", None, shipped)
+    assert verdict == Verdict(rule=1, allowed_by=".free.fr")
+    assert why[0].startswith(f"decided by: allow-list entry .free.fr ({SHIPPED}:{line}), a name entry")
+    assert why[1] == 'rule 1: pattern ^[^.]*[0-9][^0-9.]+[0-9] matched "smtp2-g2"'
+
+
+def test_explain_an_address_entry() -> None:
+    allow = AllowList.parse("# c\n198.51.100.0/24\n", "/ctl/s25r-allow")
+    _, why = explain("p1-2.isp.example", "198.51.100.7", allow)
+    assert why[0].startswith("decided by: allow-list entry 198.51.100.0/24 (/ctl/s25r-allow:2), "
+                             "an address or network entry")
+
+
+@pytest.mark.parametrize("name,extra,first,second", [
+    ("mail-01-1.mymagenta.at", False, 'decided by: mail-server hint "mail" in label "mail-01-1"',
+     'rule 1: pattern ^[^.]*[0-9][^0-9.]+[0-9] matched "mail-01-1"'),
+    ("YahooBB220030220074.bbtec.net", False, "decided by: rule 2 (first label has 5 or more digits",
+     'rule 2: pattern ^[^.]*[0-9]{5} matched "YahooBB220030220074"'),
+    ("mail1-2.dsl.isp.example", False, "decided by: rule 1 ",
+     'hint "mail" not used: the dynamic-pool word "dsl" is in the same labels'),
+    ("unknown", False, "decided by: rule 0 (no reverse name): suspicious",
+     'rule 0: no reverse name (TCPREMOTEHOST unset, empty or "unknown")'),
+    ("dynamic-red.dhcp.yndx.net", True, "decided by: rule 7 ",
+     'rule 7: dynamic-pool word "dynamic" in label "dynamic-red"'),
+    ("me.duckdns.org", True, "decided by: rule 7 ",
+     "rule 7: the name is under the dynamic-DNS service duckdns.org"),
+    ("dynamic-red.dhcp.yndx.net", False, "decided by: no rule matched: not suspicious",
+     "rules 1-6: no pattern matches; rule 7 (dynamic-pool words) is off"),
+])
+def test_explain_says_what_decided_and_why(name: str, extra: bool, first: str, second: str) -> None:
+    verdict, why = explain(name, None, extra=extra)
+    assert verdict == classify(name, None, extra=extra)
+    assert why[0].startswith(first) and why[1] == second
+
+
 # --- allow-list --------------------------------------------------------------
 
 ALLOW_TEXT = """\
@@ -182,10 +335,14 @@ def test_ip_outside_entries(allow: AllowList, ip: str) -> None:
 def test_untrusted_name_ignores_name_entries_not_ip_entries(allow: AllowList) -> None:
     google = "mail-yw1-f170.google.com"
     assert allow.match(google, "203.0.113.9", name_trusted=False) is None
-    verdict = classify(google, "203.0.113.9", allow, name_trusted=False)
+    verdict = classify(google, "203.0.113.9", allow, name_trusted=False, hints=False)
     assert verdict == Verdict(rule=1, allowed_by=None) and verdict.suspicious
-    verdict = classify(google, "192.0.2.9", allow, name_trusted=False)
+    verdict = classify(google, "192.0.2.9", allow, name_trusted=False, hints=False)
     assert verdict == Verdict(rule=1, allowed_by="192.0.2.0/24") and not verdict.suspicious
+    # a hint reads the name as the rules do, trusted or not: it makes the client
+    # normal, never trusted (a forger could as well pick a name no rule matches)
+    verdict = classify(google, "203.0.113.9", allow, name_trusted=False)
+    assert verdict == Verdict(rule=1, allowed_by=None, hint="mail") and not verdict.suspicious
 
 
 def test_allow_list_wins_and_rule_is_still_reported(allow: AllowList) -> None:
@@ -262,6 +419,30 @@ SHIPPED_EXAMPLES = {
     ".zoho.eu": ["sender11-op-o11.zoho.eu"],
     ".facebook.com": ["66-220-155-156.mail-mail.facebook.com"],
     ".pphosted.com": ["mx0a-0031df01.pphosted.com"],
+    # added after measuring on tests/data/s25r-corpus.tsv (docs/s25r.md, "Measured defaults")
+    ".outbound.protection.office365.us": ["mail-bn3usg02on0113.outbound.protection.office365.us"],
+    ".outbound.protection.partner.outlook.cn":
+        ["mail-sh0chn02hn2236.outbound.protection.partner.outlook.cn"],
+    ".protonmail.ch": ["mail-106120.protonmail.ch", "mail-10629.protonmail.ch"],
+    ".mail.163.com": ["m13151.mail.163.com"],
+    ".126.com": ["m17-178.vip.126.com"],
+    ".netease.com": ["mail-m128214.netease.com"],
+    ".xmail.ntesmail.com": ["mail-m83129.xmail.ntesmail.com"],
+    ".mail.qq.com": ["out162-62-57-210.mail.qq.com"],
+    ".mail.aliyun.com": ["out28-73.mail.aliyun.com", "out199-14.us.a.mail.aliyun.com"],
+    ".free.fr": ["smtp2-g21.free.fr"],
+    ".smtp.rzone.de": ["mo4-p02-ob.smtp.rzone.de"],
+    ".sys.comcast.net": ["resqmta-a2p-658780.sys.comcast.net"],
+    ".cloudfilter.net": ["omta36.uswest2.a.cloudfilter.net", "omta001.cacentral1.a.cloudfilter.net"],
+    ".amazon.com": ["smtp-fw-80009.amazon.com"],
+    ".ppe-hosted.com": ["dispatch1-us1.ppe-hosted.com"],
+    ".gpphosted.com": ["mx0e-00007b01.gpphosted.com"],
+    ".iphmx.com": ["esa6.hc3370-68.iphmx.com", "esa3.hc1455-7.c3s2.iphmx.com"],
+    ".antispameurope.com": ["mx-relay09-hz1.antispameurope.com"],
+    ".mail-out.ovh.net": ["5.mo534.mail-out.ovh.net"],
+    ".oracleemaildelivery.com": ["aib29gb123.yyz1.oracleemaildelivery.com"],
+    ".zohomail360.com": ["sender4-g3-154.zohomail360.com"],
+    ".web-hosting.com": ["premium238-5.web-hosting.com"],
 }
 
 
@@ -285,14 +466,16 @@ def test_shipped_list_lets_flagged_senders_through(entry: str, name: str) -> Non
     assert match_rule(name) is not None, "bare S25R must flag the example"
     verdict = classify(name, "203.0.113.9", shipped)
     assert verdict.allowed_by == entry and not verdict.suspicious
-    # a forged PTR (not forward-confirmed) gets no favour
-    assert classify(name, "203.0.113.9", shipped, name_trusted=False).suspicious
+    # a forged PTR (not forward-confirmed) gets no favour from the list
+    forged = classify(name, "203.0.113.9", shipped, name_trusted=False, hints=False)
+    assert forged.allowed_by is None and forged.suspicious
 
 
 @pytest.mark.parametrize("name", ["mail-yw1-f170.evilgoogle.com", "a1-2.google.com.evil.example",
                                   "mail1-2.fakeyahoo.com", "p1-2.notamazonses.com"])
 def test_shipped_list_does_not_cover_lookalikes(name: str) -> None:
-    assert classify(name, "203.0.113.9", AllowList.load(SHIPPED)).suspicious
+    verdict = classify(name, "203.0.113.9", AllowList.load(SHIPPED), hints=False)
+    assert verdict.allowed_by is None and verdict.suspicious
 
 
 # --- never raises ------------------------------------------------------------
@@ -361,8 +544,12 @@ def test_cli_allow_without_rule_prints_dash(tmp_path: Path) -> None:
 
 
 def test_cli_no_allow_and_extra(control: Path) -> None:
-    proc = _ctl(["--no-allow", "mail-yw1-f170.google.com"], control)
+    proc = _ctl(["--no-allow", "--no-hints", "mail-yw1-f170.google.com"], control)
     assert proc.stdout.decode() == "mail-yw1-f170.google.com\tmatch\trule=1\n"
+    assert proc.returncode == 1
+    proc = _ctl(["--no-allow", "mail-yw1-f170.google.com"], control)
+    assert proc.stdout.decode() == "mail-yw1-f170.google.com\thint\trule=1\thint=mail\n"
+    assert proc.returncode == 0
     assert _ctl(["abc.pool.isp.example"], control).stdout.decode() == \
         "abc.pool.isp.example\tnomatch\n"
     assert _ctl(["--extra", "abc.pool.isp.example"], control).stdout.decode() == \
@@ -386,8 +573,8 @@ def test_cli_control_from_environment(tmp_path: Path) -> None:
 
 
 def test_cli_missing_allow_list_means_none(tmp_path: Path) -> None:
-    proc = _ctl(["mail-yw1-f170.google.com"], tmp_path)
-    assert proc.stdout.decode() == "mail-yw1-f170.google.com\tmatch\trule=1\n"
+    proc = _ctl(["pv50p00im-ztdg10021101.me.com"], tmp_path)
+    assert proc.stdout.decode() == "pv50p00im-ztdg10021101.me.com\tmatch\trule=1\n"
 
 
 def test_cli_corrupt_allow_list_exits_111(tmp_path: Path) -> None:
@@ -398,6 +585,21 @@ def test_cli_corrupt_allow_list_exits_111(tmp_path: Path) -> None:
     assert proc.stdout == b""
     assert proc.stderr.decode().startswith(f"tarpitctl: {path}:2: ")
     assert "Traceback" not in proc.stderr.decode()
+
+
+def test_cli_explain_adds_indented_reasons(control: Path) -> None:
+    proc = _ctl(["--explain", "smtp2-g21.free.fr", "mail-01-1.mymagenta.at",
+                 "p6041-ip02funabasi.chiba.ocn.ne.jp"], control)
+    lines = proc.stdout.decode().splitlines()
+    assert [ln for ln in lines if not ln.startswith("  ")] == [
+        "smtp2-g21.free.fr\tallow\trule=1",
+        "mail-01-1.mymagenta.at\thint\trule=1\thint=mail",
+        "p6041-ip02funabasi.chiba.ocn.ne.jp\tmatch\trule=1",
+    ]
+    assert lines[1].startswith(f"  decided by: allow-list entry .free.fr ({control / 's25r-allow'}:")
+    assert '  decided by: mail-server hint "mail" in label "mail-01-1"' in lines[4]
+    assert lines[-1] == '  rule 1: pattern ^[^.]*[0-9][^0-9.]+[0-9] matched "p6041-ip0"'
+    assert proc.returncode == 1
 
 
 @pytest.mark.parametrize("args", [[], ["--stdin", "x.example"], ["--bogus", "x"]])
