@@ -7,8 +7,9 @@ this test reads the source with `ast` instead of trusting a list:
 - an *emitter* is a call to `Log(...)`, `_log(...)` or `<log>.event(...)` whose first
   argument is the event name; its `reason=` / `what=` keyword, or its `("reason", X)` /
   `("what", X)` pair, is a value of that event;
-- `Verdict(check, ...)` logs under `checks.CHECKS[check].event`, with the `("reason", X)`
-  pair of its fields;
+- `Verdict(check, ...)` (checks.Verdict; a module's own Verdict class, like s25r's, is
+  not it) logs under `checks.CHECKS[check].event`, with the `("reason", X)` pair of its
+  fields;
 - `_close(X)` is the `end` line's reason X.
 
 A value is resolved to strings: a literal; both arms of `a if c else b`; a parameter of the
@@ -218,6 +219,12 @@ def _pairs(node: ast.expr | None):
                 yield item.elts[0].value, item.elts[1]
 
 
+def _own_verdict(scan: Scan, rel: str) -> bool:
+    """True for a module with a Verdict class of its own (s25r's), which logs nothing."""
+    return rel != "libtarpit/checks.py" and any(
+        isinstance(n, ast.ClassDef) and n.name == "Verdict" for n in scan.trees[rel].body)
+
+
 def _verdict_events(scan: Scan, call: ast.Call) -> set[str]:
     from libtarpit import checks
 
@@ -270,7 +277,7 @@ def collect(scan: Scan) -> tuple[set[Found], list[str]]:
                     add(events, k.arg, k.value, where)
             for field, expr in _pairs(call.args[1] if len(call.args) > 1 else None):
                 add(events, field, expr, where)
-        elif name == "Verdict" and call.args:
+        elif name == "Verdict" and call.args and not _own_verdict(scan, rel):
             events = _verdict_events(scan, call)
             add(events, None, None, where)
             for field, expr in _pairs(call.args[3] if len(call.args) > 3 else None):
