@@ -882,3 +882,16 @@ def test_deployment_cron_line_writes_the_textfile_atomically(tmp_path):
     assert b"no such file or directory" in failed.stderr  # cron mails it to root
     assert [p.name for p in textdir.iterdir()] == ["tarpit_smtpd.prom"]
     assert prometheus_samples((textdir / "tarpit_smtpd.prom").read_text()) == got
+
+
+def test_the_prometheus_sample_in_stats_md_is_valid_and_current(tmp_path):
+    """docs/stats.md's sample is in the format, and its HELP lines are the ones printed now."""
+    doc = (Path(__file__).parent.parent / "docs" / "stats.md").read_text()
+    [sample] = re.findall(r"```\n(# HELP tarpit_smtpd_.*?)```", doc, re.S)
+    shown = prometheus_samples(sample)
+    printed = tarpitctl("--prometheus", write(tmp_path / "log", [line(1, "connect")])).stdout.decode()
+    for help_line in re.findall(r"^# HELP .*$", sample, re.M):
+        assert help_line in printed.splitlines(), help_line
+    table = {m for m in re.findall(r"^\| `(tarpit_smtpd_\w+)` \|", doc, re.M)}
+    assert table == set(re.findall(r"^# TYPE (\S+)", printed, re.M)), "the metric table in stats.md"
+    assert {name for name, _ in shown} <= table
