@@ -574,6 +574,31 @@ def test_doc_example(ex: Example, fixture: Path):
         raise AssertionError(ex.kind)
 
 
+def known_variables() -> set[str]:
+    """The TARPIT_* variables something of ours reads: the configuration's, and setup's."""
+    from libtarpit import config
+
+    names = {*config.ENV_KEYS.values(), *config.GLOBAL_ENV.values(), "TARPIT_CONFIG"}
+    names |= {var for var, _ in config._OLD_SWITCHES.values()}
+    for script in (ROOT / "scripts").glob("*.sh"):
+        names |= set(re.findall(r"\bTARPIT_[A-Z0-9_]+", script.read_text()))
+    return names
+
+
+def test_every_tarpit_variable_in_an_example_is_one_we_read():
+    """A variable in a code block (tcprules, run file, unit, cron) that nothing reads would be
+    ignored without a word: the wrapper does not refuse unknown variables."""
+    known = known_variables()
+    unknown = []
+    for file in doc_files():
+        for tag, first, content, _ in blocks(file.read_text()):
+            for n, text in enumerate(content):
+                for name in re.findall(r"\bTARPIT_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_<{])", text):
+                    if name not in known:
+                        unknown.append(f"{file.relative_to(ROOT)}:{first + n}: {name}")
+    assert unknown == [], "\n".join(unknown)
+
+
 def test_examples_are_found_in_every_kind():
     """If the block reader broke, every parametrized test would pass on nothing."""
     kinds = {e.kind for e in EXAMPLES}
@@ -603,6 +628,8 @@ def test_the_checks_fail_on_wrong_examples(fixture):
     from libtarpit.config import ConfigError
     from libtarpit.serveargs import UsageError
 
+    assert "TARPIT_ACTION_HELO_NODOT" in known_variables()
+    assert "TARPIT_ACTON_HELO" not in known_variables()
     for ex in wrong:
         with pytest.raises((AssertionError, ConfigError, UsageError, ImportError, SystemExit)):
             test_doc_example(ex, fixture)
