@@ -64,6 +64,7 @@ RULE_SOURCES: dict[int, str] = {
 _RULES_ALTERNATION = "^(?:" + "|".join(
     f"(?P<r{n}>{src[1:].replace('(', '(?:')})" for n, src in RULE_SOURCES.items()) + ")"
 _rules_re: re.Pattern[str] | None = None
+_RULE_OF_GROUP = {f"r{n}": n for n in RULE_SOURCES}
 
 
 def _rules() -> re.Pattern[str]:
@@ -147,18 +148,29 @@ def _host_words(name: str) -> list[list[str]]:
     return [label.translate(_WORD_TABLE).split() for label in host]
 
 
-def _dyndns_service(name: str) -> str | None:
-    """Return "service.tld" when `name` sits under a dynamic-DNS service, else None."""
-    labels = name.lower().rsplit(".", 2)
-    if len(labels) < 2:
+def _words(low: str) -> list[str]:
+    """Return the words of the first three labels of lower-case `low`, never the last two."""
+    n = low.count(".") - 1  # labels that are not the last two
+    if n <= 0:
+        return []
+    end = -1
+    for _ in range(n if n < _HOST_LABELS else _HOST_LABELS):
+        end = low.find(".", end + 1)
+    return low[:end].translate(_WORD_TABLE).split()
+
+
+def _dyndns_service(low: str) -> str | None:
+    """Return "service.tld" when lower-case `low` sits under a dynamic-DNS service, else None."""
+    dot = low.rfind(".")
+    service = low[low.rfind(".", 0, dot) + 1:dot] if dot > 0 else ""
+    if service not in _DYNDNS_SERVICES and not service.startswith("dyndns-"):
         return None
-    service, tld = labels[-2], labels[-1]
+    tld = low[dot + 1:]
     if not (tld.isascii() and tld.isalpha()):
         return None
-    if service in _DYNDNS_SERVICES or (
-            service.startswith("dyndns-") and service[7:].isascii() and service[7:].isalpha()):
-        return f"{service}.{tld}"
-    return None
+    if service[:7] == "dyndns-" and not (service[7:].isascii() and service[7:].isalpha()):
+        return None
+    return f"{service}.{tld}"
 
 
 class Verdict(namedtuple("Verdict", "rule allowed_by hint", defaults=(None, None))):
@@ -200,12 +212,19 @@ def _normalize(name: str | None) -> str:
     return name
 
 
-def _extra_match(name: str) -> bool:
-    """True when the host part of `name` carries a dynamic-pool word or a dynamic-DNS domain."""
-    for words in _host_words(name):
-        if not DYNAMIC_WORDS.isdisjoint(words):
-            return True
-    return _dyndns_service(name) is not None
+def _extra_match(low: str) -> bool:
+    """True when lower-case `low` has a dynamic-pool word in its host part or a dynamic-DNS domain."""
+    return not DYNAMIC_WORDS.isdisjoint(_words(low)) or _dyndns_service(low) is not None
+
+
+def _rule_of(host: str, extra: bool) -> int | None:
+    """Return the rule for normalized, non-empty `host` (see match_rule)."""
+    m = (_rules_re or _rules()).match(host)
+    if m is not None:
+        return _RULE_OF_GROUP[m.lastgroup]  # type: ignore[index]
+    if extra and _extra_match(host.lower()):
+        return EXTRA_RULE
+    return None
 
 
 def match_rule(name: str | None, *, extra: bool = False) -> int | None:
@@ -216,14 +235,7 @@ def match_rule(name: str | None, *, extra: bool = False) -> int | None:
     Never raises.
     """
     host = _normalize(name)
-    if not host:
-        return 0
-    m = _rules().match(host)
-    if m is not None:
-        return int(m.lastgroup[1:])  # type: ignore[index]
-    if extra and _extra_match(host):
-        return EXTRA_RULE
-    return None
+    return _rule_of(host, extra) if host else 0
 
 
 def server_hint(name: str | None) -> str | None:
@@ -233,26 +245,48 @@ def server_hint(name: str | None) -> str | None:
     outranks a dynamic word.  Looks at the first three labels, never the last
     two.  Never raises.
     """
-    host = _normalize(name)
-    if not host:
+    return _hint_of(_normalize(name).lower())
+
+
+def _hint_of(low: str) -> str | None:
+    """Return server_hint for normalized lower-case `low`."""
+    for word in HINT_WORDS:
+        if word in low:
+            break
+    else:
+        return None  # most names hold none of the words anywhere: skip splitting them
+    words = _words(low)
+    if not words or not DYNAMIC_WORDS.isdisjoint(words):
         return None
-    found = None
-    for words in _host_words(host):
-        if not DYNAMIC_WORDS.isdisjoint(words):
-            return None
-        if found is None:
-            for word in words:
-                if word in HINT_WORDS:
-                    found = word
-                    break
-    return found
+    for word in words:
+        if word in HINT_WORDS:
+            return word
+    return None
 
 
-_NAME = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
-# Anything made of digits and dots, or holding ":" or an inner "/", is read as
-# an address, so a tcprules-style prefix ("192.0.2.") fails loudly instead of
-# becoming an exact name that never matches.
-_LOOKS_NUMERIC = r"[0-9.]+(/[0-9]*)?|.*:.*|[^/].*/.*"
+# A name entry: dot-separated labels of letters, digits, "_" and "-", none
+# empty, none starting or ending with "-".  An entry made of digits and dots
+# (maybe with "/N"), or holding ":" or an inner "/", is read as an address, so
+# a tcprules-style prefix ("192.0.2.") fails loudly instead of becoming an
+# exact name that never matches.  Plain string tests, not regexes: the list is
+# parsed on every connection and a regex costs its compile there.
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_ADDRESS_CHARS = frozenset("0123456789.")
+
+
+def _is_name(body: str) -> bool:
+    """True when `body` is a host name as a name entry may hold one."""
+    for label in body.split("."):
+        if not label or label[0] == "-" or label[-1] == "-" or not _LABEL_CHARS.issuperset(label):
+            return False
+    return True
+
+
+def _looks_numeric(entry: str) -> bool:
+    """True when `entry` (not a /regex/) must be an address or network."""
+    if ":" in entry or "/" in entry[1:]:
+        return True
+    return _ADDRESS_CHARS.issuperset(entry)
 
 
 def _parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -349,7 +383,7 @@ class AllowList:
         """Store one entry; raise ValueError if it is not one of the four kinds."""
         if entry.startswith("/"):
             self._regexes.append((_parse_regex(entry), entry))
-        elif re.fullmatch(_LOOKS_NUMERIC, entry):
+        elif _looks_numeric(entry):
             try:
                 self._networks.append((_parse_network(entry), entry))
             except ValueError:
@@ -363,7 +397,7 @@ class AllowList:
         suffix = entry.startswith("*.") or body.startswith(".")
         body = body[1:] if body.startswith(".") else body
         body = body[:-1] if body.endswith(".") else body
-        if not re.fullmatch(_NAME, body, re.IGNORECASE):
+        if not _is_name(body):
             raise ValueError(f"not a host name, .suffix, /regex/ or address: {entry}")
         table = self._suffixes if suffix else self._exact
         table.setdefault(body.lower(), entry)
@@ -374,9 +408,13 @@ class AllowList:
         `ip` that does not parse is ignored (no IP entry can match it); name
         entries are skipped when `name_trusted` is False.  Never raises.
         """
-        hit = self._match_ip(ip)
-        if hit is None and name_trusted:
-            hit = self._match_name(_normalize(name).lower())
+        return self._lookup(_normalize(name).lower(), ip, name_trusted)
+
+    def _lookup(self, low: str, ip: str | None, name_trusted: bool) -> str | None:
+        """match() for a name already normalized and in lower case."""
+        hit = self._match_ip(ip) if ip else None
+        if hit is None and name_trusted and low:
+            hit = self._match_name(low)
         return hit
 
     def _match_ip(self, ip: str | None) -> str | None:
@@ -393,13 +431,17 @@ class AllowList:
         """Return the exact, suffix or regex entry matching `host`, or None."""
         if not host:
             return None
-        if host in self._exact:
-            return self._exact[host]
-        labels = host.split(".")
-        for i in range(1, len(labels)):
-            entry = self._suffixes.get(".".join(labels[i:]))
-            if entry is not None:
-                return entry
+        entry = self._exact.get(host)
+        if entry is not None:
+            return entry
+        if self._suffixes:
+            # every suffix after a dot, longest first
+            dot = host.find(".")
+            while dot >= 0:
+                entry = self._suffixes.get(host[dot + 1:])
+                if entry is not None:
+                    return entry
+                dot = host.find(".", dot + 1)
         for pattern, entry in self._regexes:
             if pattern.search(host):
                 return entry
@@ -435,12 +477,26 @@ def classify(
     matched and no allow-list entry did; `hints=False` leaves them out (what
     bare S25R says).  Never raises, whatever text `name` and `ip` hold.
     """
-    rule = match_rule(name, extra=extra)
-    allowed_by = allow.match(name, ip, name_trusted=name_trusted) if allow is not None else None
+    # match_rule, AllowList.match and server_hint written out once: this runs
+    # for every connection, and each would normalize the name again
+    host = name.strip().rstrip(".") if name else ""
+    low = host.lower()
+    if not host or low == "unknown":
+        host = low = ""
+        rule: int | None = 0
+    else:
+        m = (_rules_re or _rules()).match(host)
+        if m is not None:
+            rule = _RULE_OF_GROUP[m.lastgroup]  # type: ignore[index]
+        elif extra and (not DYNAMIC_WORDS.isdisjoint(_words(low)) or _dyndns_service(low) is not None):
+            rule = EXTRA_RULE
+        else:
+            rule = None
+    allowed_by = allow._lookup(low, ip, name_trusted) if allow is not None else None
     hint = None
     if hints and allowed_by is None and rule is not None and 1 <= rule <= 5:
-        hint = server_hint(name)
-    return Verdict(rule=rule, allowed_by=allowed_by, hint=hint)
+        hint = _hint_of(low)
+    return tuple.__new__(Verdict, (rule, allowed_by, hint))  # Verdict(...) without its Python __new__
 
 
 def explain(
