@@ -19,8 +19,8 @@ the host); a later letter overrides an earlier one (`-v -q` is quiet).
 
 Where serve is stricter than tcpserver (which reads numbers with scan_ulong,
 so `-c x` is 0 and `-c 10x` is 10): numbers must be decimal digits, `-c` at
-least 1, ports at most 65535.  tcpserver's other letters (-1 -X -d -D -o -O
--t, and -4 -6 -I of the IPv6 forks) are refused with a usage error naming
+least 1, ports at most 65535, `-t` at most 3600.  tcpserver's other letters
+(-1 -X -d -D -o -O, and -4 -6 -I of the IPv6 forks) are refused with a usage error naming
 them.  Long options are serve's own: the caller declares them.
 """
 
@@ -37,21 +37,21 @@ if TYPE_CHECKING:
 __all__ = ["LETTERS", "USAGE", "ServeArgs", "UsageError", "parse"]
 
 USAGE = ("usage: tarpit-smtpd serve [ -qQvhHpPrRU ] [ -c limit ] [ -x rules.cdb ] [ -B banner ] "
-         "[ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ --option[=value] ... ] "
+         "[ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ --option[=value] ... ] "
          "host port program [ arg ... ]")
 
 # letter -> takes an argument (tcpserver's getopt string, less the letters serve refuses)
 LETTERS = {"c": True, "x": True, "B": True, "g": True, "u": True, "b": True, "l": True,
-           "v": False, "q": False, "Q": False, "h": False, "H": False, "p": False, "P": False,
+           "t": True, "v": False, "q": False, "Q": False, "h": False, "H": False, "p": False, "P": False,
            "r": False, "R": False, "U": False}
-_REFUSED = "1XdDoOt46I"  # tcpserver's (or its IPv6 forks') letters serve does not implement
+_REFUSED = "1XdDoO46I"  # tcpserver's (or its IPv6 forks') letters serve does not implement
 _MAX_ID = 2**32 - 2      # (uid_t)-1 means "no change" to setreuid
 
 
 class ServeArgs(value("ServeArgs",
                       "host port program concurrency rules verbosity remote_host paranoid remote_info "
-                      "local_host uid gid backlog banner options",
-                      defaults=(40, None, 1, True, False, True, None, None, None, 20, "", ()),
+                      "local_host uid gid backlog banner options timeout",
+                      defaults=(40, None, 1, True, False, True, None, None, None, 20, "", (), 26),
                       module=__name__)):
     """A parsed `serve` command line (tcpserver's defaults where an option is absent).
 
@@ -65,14 +65,14 @@ class ServeArgs(value("ServeArgs",
     remote_host  -h True (default): look up TCPREMOTEHOST; -H False
     paranoid     -p True: keep the name only when it resolves back to the client; -P False (default)
     remote_info  -r True (tcpserver's default): ask the client's ident server for
-                 TCPREMOTEINFO; -R False.  Recorded as given: whether serve makes
-                 ident queries is the listener's decision (docs/serve.md)
+                 TCPREMOTEINFO; -R False
     local_host   -l: TCPLOCALHOST as given ("-l0" gives "0"); None: look it up
     uid, gid     -u/-g (or -U from $UID/$GID): drop to them after binding; None
                  (also for 0, as tcpserver calls setuid only when uid is not 0): keep
     backlog      -b: listen() backlog (20)
     banner       -B: bytes written to every client first, as given ("")
     options      ((name, value or None), ...): the declared long options, in order
+    timeout      -t: seconds the ident query (-r) may take (26)
     """
 
     __slots__ = ()
@@ -196,6 +196,8 @@ def _option(letter: str, arg: str | None, got: dict[str, object], env: Mapping[s
         got["concurrency"] = _number("c", arg, 1, 2**31 - 1)
     elif letter == "b":
         got["backlog"] = _number("b", arg, 0, 2**31 - 1)
+    elif letter == "t":
+        got["timeout"] = _number("t", arg, 0, 3600)
     elif letter == "x":
         if not arg:
             raise UsageError("-x needs a file name")

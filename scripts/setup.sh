@@ -18,7 +18,7 @@ prefix=${TARPIT_PREFIX:-/opt/tarpit-smtpd}
 bindir=${TARPIT_BINDIR:-/usr/local/bin}
 python=${TARPIT_PYTHON:-/usr/bin/python3}
 programs="tarpit-smtpd tarpitctl tarpit-sink"
-packages="ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base build-essential openssl python3 python3-venv man-db"
+packages="ucspi-tcp tinycdb redis-server swaks exim4-daemon-light dnsmasq-base oidentd build-essential openssl python3 python3-venv man-db"
 
 if command -v apt-get >/dev/null 2>&1; then
     missing=

@@ -7,6 +7,7 @@ postmaster's tcp.smtp does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import pwd
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def need(binary: str) -> str:
     if path is None:
         packages = {"tcpserver": "ucspi-tcp", "tcprules": "ucspi-tcp", "exim4": "exim4-daemon-light",
                     "redis-server": "redis-server", "swaks": "swaks", "cdb": "tinycdb",
-                    "dnsmasq": "dnsmasq-base"}
+                    "dnsmasq": "dnsmasq-base", "oidentd": "oidentd"}
         if os.environ.get("TARPIT_REQUIRE_ALL"):
             pytest.fail(f"{binary} not installed but TARPIT_REQUIRE_ALL is set (CI installs everything)")
         pytest.skip(f"{binary} not installed (Debian package {packages.get(os.path.basename(binary), binary)}); "
@@ -332,3 +334,92 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+# --- dnsmasq: a real DNS server with the records a test needs ------------------------------
+
+
+def udp_tcp_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+
+
+def _answers(port: int, probe: str) -> bool:
+    import dns.exception
+    import dns.resolver
+
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers, r.port = ["127.0.0.1"], port
+    try:
+        r.resolve(probe, "A", lifetime=0.5, raise_on_no_answer=False)
+        return True
+    except dns.resolver.NXDOMAIN:
+        return True
+    except dns.exception.DNSException:
+        return False
+
+
+class Dnsmasq:
+    """A running dnsmasq on 127.0.0.1:`port`; `queries()` is what it was asked, when it logs them."""
+
+    def __init__(self, port: int, log: Path | None):
+        self.port, self.log = port, log
+
+    def queries(self) -> list[str]:
+        """Every name asked for so far, in order (needs log_queries=True)."""
+        text = self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+        return re.findall(r"query\[\w+\] (\S+) from ", text)
+
+    def wait_query(self, name: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while name not in self.queries():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"dnsmasq was never asked for {name}: {self.queries()}")
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running_dnsmasq(records: list[str], local_zones: list[str], log: Path | None = None) -> Iterator[Dnsmasq]:
+    """Start dnsmasq in the foreground on a free port with `records`; yield it; stop it.
+
+    Names under `local_zones` that have no record are NXDOMAIN; other zones are REFUSED
+    (no upstream). With `log`, every query is written there (--log-queries).
+    """
+    binary = need("dnsmasq")
+    logging = [f"--log-facility={log}", "--log-queries"] if log else ["--log-facility=-"]
+    probe = f"probe.{local_zones[0]}."
+    err = b""
+    for _attempt in range(5):
+        port = udp_tcp_port()
+        proc = subprocess.Popen(
+            [binary, "--keep-in-foreground", *logging, "--conf-file=/dev/null", "--pid-file",
+             f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
+             "--no-hosts", *(f"--local=/{z}/" for z in local_zones), *records],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline and not _answers(port, probe):
+            time.sleep(0.05)
+        if proc.poll() is None and _answers(port, probe):
+            break
+        proc.kill()
+        err = proc.communicate()[1]
+    else:
+        pytest.fail(f"dnsmasq did not start: {err.decode(errors='replace')}")
+    try:
+        yield Dnsmasq(port, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -14,7 +14,6 @@ show that a client was, or was not, asked about:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import smtplib
@@ -24,15 +23,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import dns.exception
 import dns.message
 import dns.rcode
-import dns.resolver
 import pytest
 
-from conftest import need
+from conftest import Dnsmasq, running_dnsmasq
 from libtarpit import dnswl
 from libtarpit.config import ConfigError, load_config
 
@@ -52,94 +48,6 @@ LISTING = {"127.0.0.2": "127.0.9.2", "127.0.0.3": "127.0.0.255", "127.0.0.4": "1
 RECORDS = [f"--host-record={'.'.join(reversed(ip.split('.')))}.{ZONE},{answer}" for ip, answer in LISTING.items()]
 RECORDS.append(f"--host-record={v6_name(V6)}.{ZONE},127.0.5.3")
 LOCAL_ZONES = ["test"]
-
-
-# --- a dnsmasq of our own ----------------------------------------------------------------
-# The same start-up as test_rdns.py's fixture, with the records, the local zones and a query
-# log as arguments; meant to move to conftest.py as the one dnsmasq fixture (see the report
-# of issue 14's DNSWL change) so test_rdns.py can use it too.
-
-def udp_tcp_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
-
-
-def _answers(port: int, probe: str) -> bool:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers, r.port = ["127.0.0.1"], port
-    try:
-        r.resolve(probe, "A", lifetime=0.5, raise_on_no_answer=False)
-        return True
-    except dns.resolver.NXDOMAIN:
-        return True
-    except dns.exception.DNSException:
-        return False
-
-
-class Dnsmasq:
-    """A running dnsmasq on 127.0.0.1:`port`; `queries()` is what it was asked, when it logs them."""
-
-    def __init__(self, port: int, log: Path | None):
-        self.port, self.log = port, log
-
-    def queries(self) -> list[str]:
-        """Every name asked for so far, in order (needs log_queries=True)."""
-        text = self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
-        return re.findall(r"query\[\w+\] (\S+) from ", text)
-
-    def wait_query(self, name: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while name not in self.queries():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"dnsmasq was never asked for {name}: {self.queries()}")
-            time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def running_dnsmasq(records: list[str], local_zones: list[str], log: Path | None = None) -> Iterator[Dnsmasq]:
-    """Start dnsmasq in the foreground on a free port with `records`; yield it; stop it.
-
-    Names under `local_zones` that have no record are NXDOMAIN; other zones are REFUSED
-    (no upstream). With `log`, every query is written there (--log-queries).
-    """
-    binary = need("dnsmasq")
-    logging = [f"--log-facility={log}", "--log-queries"] if log else ["--log-facility=-"]
-    probe = f"probe.{local_zones[0]}."
-    err = b""
-    for _attempt in range(5):
-        port = udp_tcp_port()
-        proc = subprocess.Popen(
-            [binary, "--keep-in-foreground", *logging, "--conf-file=/dev/null", "--pid-file",
-             f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
-             "--no-hosts", *(f"--local=/{z}/" for z in local_zones), *records],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline and not _answers(port, probe):
-            time.sleep(0.05)
-        if proc.poll() is None and _answers(port, probe):
-            break
-        proc.kill()
-        err = proc.communicate()[1]
-    else:
-        pytest.fail(f"dnsmasq did not start: {err.decode(errors='replace')}")
-    try:
-        yield Dnsmasq(port, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

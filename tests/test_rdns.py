@@ -27,7 +27,7 @@ import dns.resolver
 import dns.rrset
 import pytest
 
-from conftest import need
+from conftest import running_dnsmasq
 from libtarpit.rdns import confirmed_name, parse_server
 
 RECORDS = [
@@ -44,57 +44,11 @@ RECORDS = [
 LOCAL_ZONES = ["127.in-addr.arpa", "2.0.192.in-addr.arpa", "ip6.arpa", "test", "google.com"]
 
 
-def udp_tcp_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
-
-
-def answers(port: int) -> bool:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers, r.port = ["127.0.0.1"], port
-    try:
-        r.resolve("mail.example.test.", "A", lifetime=0.5)
-        return True
-    except dns.exception.DNSException:
-        return False
-
-
 @pytest.fixture(scope="module")
 def dnsmasq():
-    """Start dnsmasq in the foreground on a free port; yield the port; stop it."""
-    binary = need("dnsmasq")
-    for _attempt in range(5):
-        port = udp_tcp_port()
-        proc = subprocess.Popen(
-            [binary, "--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null", "--pid-file",
-             f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
-             "--no-hosts", *(f"--local=/{z}/" for z in LOCAL_ZONES), *RECORDS],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline and not answers(port):
-            time.sleep(0.05)
-        if proc.poll() is None and answers(port):
-            break
-        proc.kill()
-        err = proc.communicate()[1]
-    else:
-        pytest.fail(f"dnsmasq did not start: {err.decode(errors='replace')}")
-    yield port
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """dnsmasq serving RECORDS on a free port; yields the port."""
+    with running_dnsmasq(RECORDS, LOCAL_ZONES) as server:
+        yield server.port
 
 
 def lookup(port: int, ip: str, timeout: float = 5.0) -> tuple[str | None, str | None]:

@@ -6,11 +6,13 @@ and session; one process holds every client that is not exec'd.
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import socket
 import time
 
-from conftest import recv_reply
+import pytest
+from conftest import need, recv_reply
 from tls_backend import exim_tls  # noqa: F401  (a fixture)
 from test_wrapper_e2e import BOT, DYNAMIC, GOOD, MESSAGE, RULES, TRUSTED
 
@@ -372,3 +374,84 @@ def test_a_backend_slower_than_its_client_stops_the_listener_reading_the_client(
     assert int(size_file.read_text()) == len(body), "every byte arrived"
     assert max(rss) - before < 16 * 1024, f"the listener grew by {max(rss) - before} KB holding a 40 MB body"
     sock.close()
+
+
+@pytest.fixture
+def identd():
+    """A real ident server (oidentd) on 127.0.0.2:113, as root: what a client's host may run."""
+    import subprocess
+
+    binary = need("oidentd")
+    probe = socket.socket()
+    try:
+        probe.connect(("127.0.0.2", 113))
+        probe.close()
+        yield None  # one is running already (the package's own service): it answers the same
+        return
+    except OSError:
+        probe.close()
+    proc = subprocess.Popen([binary, "-i", "-S", "-a", "127.0.0.2", "-p", "113"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.2", 113), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "oidentd did not start"
+            time.sleep(0.05)
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flags", ["-vRHl0", "-vrHl0", "-vRhl0"])
+def test_env_as_the_backend_prints_the_same_under_tcpserver_and_serve(tmp_path, flags, identd):
+    """The issue's test: `env` as the backend, both servers, the same variables apart from ports.
+
+    And the wrapper under tcpserver hands its backend the same: Python started in the C locale
+    sets LC_CTYPE=C.UTF-8 for its children (PEP 538), which both undo."""
+    import os
+    import subprocess
+
+    from conftest import free_port
+
+    rules = tmp_path / "rules"
+    rules.write_text('127.0.0.3:allow,RELAYCLIENT="",X_RULE="three",KEEP="2"\n:allow,RELAYCLIENT=""\n')
+    with open(rules) as f:
+        subprocess.run(["tcprules", str(tmp_path / "rules.cdb"), str(tmp_path / "rules.tmp")], stdin=f, check=True)
+    (tmp_path / "control").mkdir()
+    env = {"PATH": os.environ["PATH"], "KEEP": "1", "TARPIT_CONTROL": str(tmp_path / "control"),
+           "TARPIT_STATE_DIR": str(tmp_path)}
+    printed = {}
+    procs = []
+    try:
+        for name, argv0, wrapper in (("tcpserver", ["tcpserver"], []), ("serve", ["tarpit-smtpd", "serve"], []),
+                                     ("wrapper", ["tcpserver"], ["tarpit-smtpd"])):
+            port, log = free_port(), tmp_path / f"{name}.log"
+            procs.append(subprocess.Popen([*argv0, flags, "-x", str(tmp_path / "rules.cdb"), "127.0.0.1", str(port),
+                                           *wrapper, "env"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            deadline = time.monotonic() + 10
+            while b"status: 0/" not in log.read_bytes():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+            for src in ("127.0.0.2", "127.0.0.3"):
+                with socket.create_connection(("127.0.0.1", port), timeout=40, source_address=(src, 0)) as s:
+                    out = b""
+                    while chunk := s.recv(65536):
+                        out += chunk
+                got = dict(line.split("=", 1) for line in out.decode().splitlines())
+                for port_var in ("TCPLOCALPORT", "TCPREMOTEPORT"):
+                    assert got.pop(port_var).isdigit()
+                printed[name, src] = got
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+    for src in ("127.0.0.2", "127.0.0.3"):
+        assert printed["serve", src] == printed["tcpserver", src], src
+        assert printed["wrapper", src] == printed["tcpserver", src], f"{src}: the wrapper adds or changes nothing"
+    if "r" in flags:  # the identd answers for our own connection from 127.0.0.2
+        assert printed["serve", "127.0.0.2"]["TCPREMOTEINFO"] == "root"
+    assert printed["serve", "127.0.0.3"]["X_RULE"] == "three" and printed["serve", "127.0.0.3"]["KEEP"] == "2"

@@ -37,7 +37,7 @@ def test_the_issues_run_line():
     (["-R"], "remote_info", False), (["-Rr"], "remote_info", True),
     (["-l", "mx.example"], "local_host", "mx.example"), (["-l0"], "local_host", "0"),
     (["-u", "1001"], "uid", 1001), (["-u0"], "uid", None), (["-g", "1002"], "gid", 1002),
-    (["-b", "5"], "backlog", 5), (["-b0"], "backlog", 0),
+    (["-b", "5"], "backlog", 5), (["-b0"], "backlog", 0), (["-t", "5"], "timeout", 5), (["-t0"], "timeout", 0),
     (["-B", "hello\r\n"], "banner", "hello\r\n"),
 ])
 def test_every_letter(words, field, expected):
@@ -45,7 +45,7 @@ def test_every_letter(words, field, expected):
 
 
 def test_every_accepted_letter_has_a_case():
-    assert set(LETTERS) == set("cxBgublvqQhHpPrRU")
+    assert set(LETTERS) == set("cxBgubltvqQhHpPrRU")
 
 
 def test_bundles_and_arguments_as_sgetopt_reads_them():
@@ -110,7 +110,7 @@ def test_ports():
     (["-X"], "option -X is not supported"), (["-1"], "option -1 is not supported"),
     (["-d"], "option -d is not supported"), (["-D"], "option -D is not supported"),
     (["-o"], "option -o is not supported"), (["-O"], "option -O is not supported"),
-    (["-t", "5"], "option -t is not supported"), (["-6"], "option -6 is not supported"),
+    (["-t", "x"], "-t needs a decimal number"), (["-6"], "option -6 is not supported"),
     (["--daemon"], "unknown option --daemon"),
 ])
 def test_errors(words, message):

@@ -215,7 +215,12 @@ class Connection:
             cfg = L.config(env)
         except Exception as e:  # a bad value set by a tcprules variable: 451, as the wrapper
             return self.refused(admission.refuse("config", str(e)))
-        adm = admission.admit(env, cfg, L.lists(cfg), now(), None)
+        lists = L.lists(cfg)
+        adm = admission.admit(env, cfg, lists, now(), None)
+        if admission.wants_dnswl(adm, cfg):  # S25R made it suspicious: the one answer that can change that
+            from libtarpit.dnswl import lookup_for_async
+
+            adm = admission.admit(env, cfg, lists, now(), None, await lookup_for_async(cfg, adm.client.ip))
         if adm.route == "refuse":
             return self.refused(adm)
         c = adm.client
@@ -241,17 +246,25 @@ class Connection:
         env.update(PROTO="TCP", TCPLOCALIP=self.local[0].removeprefix("::ffff:"), TCPLOCALPORT=str(self.local[1]),
                    TCPREMOTEIP=ip, TCPREMOTEPORT=str(port))
         env["TCPLOCALHOST"] = a.local_host if a.local_host is not None else socket.gethostname()
-        host = None
+        host = info = None
         if a.remote_host:
             host = await L.reverse(ip)
-            if host:
-                env["TCPREMOTEHOST"] = host
+        if host:
+            env["TCPREMOTEHOST"] = host
+        else:
+            env.pop("TCPREMOTEHOST", None)
+        if a.remote_info:
+            info = await ident(self.local, self.peer, a.timeout)
+        if info is not None:
+            env["TCPREMOTEINFO"] = info
+        else:
+            env.pop("TCPREMOTEINFO", None)
         if a.rules:
             from libtarpit import tcprules
             from libtarpit.errors import ControlError
 
             try:
-                rule = tcprules.lookup(a.rules, ip, host)
+                rule = tcprules.lookup(a.rules, ip, host, info)
             except ControlError as e:
                 L.say(f"dropping connection, unable to read {e}")
                 return None
@@ -754,6 +767,48 @@ class Listener:
         self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
 
 
+async def ident(local: tuple, peer: tuple, timeout: float) -> str | None:
+    """TCPREMOTEINFO as tcpserver -r finds it (RFC 1413, ucspi-tcp's remoteinfo.c); None if the
+    query failed or took longer than `timeout` seconds.
+
+    From our address (port any) to the client's port 113: "CLIENTPORT , OURPORT"; of the
+    reply line, what follows the third colon, blanks and CRs dropped, at most 257 bytes ("" when
+    the line has fewer colons: tcpserver then sets TCPREMOTEINFO empty).
+    """
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setblocking(False)
+
+    async def ask() -> str | None:
+        s.bind((local[0], 0))
+        await loop.sock_connect(s, (peer[0], 113))
+        await loop.sock_sendall(s, f"{peer[1]} , {local[1]}\r\n".encode())
+        out, colons = bytearray(), 0
+        while True:
+            chunk = await loop.sock_recv(s, 128)
+            if not chunk:
+                return None  # tcpserver: no end of line is a failed query
+            for ch in chunk:
+                if ch in b" \t\r":
+                    continue
+                if ch == 10:
+                    return out.decode("latin-1")
+                if colons < 3:
+                    colons += ch == 58
+                else:
+                    out.append(ch)
+                    if len(out) > 256:
+                        return out.decode("latin-1")
+
+    try:
+        return await asyncio.wait_for(ask(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    finally:
+        s.close()
+
+
 def bind(args, n: int) -> list[socket.socket]:
     """Bind HOST:PORT `n` times and listen; return the sockets.
 
@@ -929,8 +984,10 @@ def daemonize(opts: dict, socks: list[socket.socket]):
 
 def main(argv: list[str]) -> int:
     """Entry for `tarpit-smtpd serve ...`; returns 100 for usage errors, 111 for trouble at start."""
+    from libtarpit.procenv import undo_locale_coercion
     from libtarpit.serveargs import USAGE, UsageError, parse
 
+    undo_locale_coercion()  # the backend gets tcpserver's environment, not the one Python made
     try:
         args = parse(argv, os.environ, long_options=LONG_OPTIONS)
         opts = dict(args.options)
@@ -964,8 +1021,6 @@ def main(argv: list[str]) -> int:
     if ready is not None:
         os.write(ready, b"ready\n")
         os.close(ready)
-    if args.remote_info:
-        listener.say("note: -r (ident lookups) is not done; TCPREMOTEINFO stays unset")
     try:
         return supervise(listener, socks) if workers > 1 else run_worker(listener, socks[0])
     finally:
