@@ -106,7 +106,7 @@ _OLD_SWITCHES = {"helo_check": ("TARPIT_HELO_CHECK", ("helo", "helo_nodot")),
 
 
 _GLOBAL_DEFAULTS: dict[str, Any] = {
-    "control": "/var/qmail/control", "mode": "enforce", "force_class": None, "s25r_extra": False,
+    "control": "/var/qmail/control", "mode": "enforce", "force_class": None, "s25r_extra": True,
     "rdns": False, "rdns_timeout": 2.0, "rdns_server": "", "trust_host": True,
     "dnswl_zone": "", "dnswl_min_level": 1, "dnswl_timeout": 2.0, "dnswl_server": "",
     "state_dir": "/var/lib/tarpit-smtpd", "greylist_url": "/var/lib/tarpit-smtpd/greylist.sqlite",

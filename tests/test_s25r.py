@@ -551,9 +551,12 @@ def test_cli_no_allow_and_extra(control: Path) -> None:
     assert proc.stdout.decode() == "mail-yw1-f170.google.com\thint\trule=1\thint=mail\n"
     assert proc.returncode == 0
     assert _ctl(["abc.pool.isp.example"], control).stdout.decode() == \
-        "abc.pool.isp.example\tnomatch\n"
+        "abc.pool.isp.example\tmatch\trule=7\n", "rule 7 is on by default"
+    (control / "tarpit.toml").write_text("s25r_extra = false\n")
+    assert _ctl(["abc.pool.isp.example"], control).stdout.decode() == \
+        "abc.pool.isp.example\tnomatch\n", "the site's tarpit.toml turns it off"
     assert _ctl(["--extra", "abc.pool.isp.example"], control).stdout.decode() == \
-        "abc.pool.isp.example\tmatch\trule=7\n"
+        "abc.pool.isp.example\tmatch\trule=7\n", "--extra turns it on whatever the configuration says"
 
 
 def test_cli_stdin_with_empty_line_and_escaping(control: Path) -> None:
