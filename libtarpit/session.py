@@ -128,7 +128,7 @@ class Session:
     """The policy for one connection.  See the module docstring for the protocol."""
 
     # slots: a held connection's state is counted in KB by the listener (bench/serve_memory.py)
-    __slots__ = ('client', 'policy', 'lists', 'greylist', 'phase', 'errors', '_start', '_last', '_out', '_relay', '_proxy', '_full', '_tls_offer', '_tls_ours', 'tls', 'authenticated', '_auth_mech', '_auth_data', '_sender', '_rcpts', '_rcpts_sent', '_tarpitted', '_held', '_held_rcpt', '_sleep_stage', '_error_slept', '_chunking', '_size', '_client_eof', '_quit', '_buffered_at_hold', '_stalled', '_data_start', '_data_bytes')
+    __slots__ = ('client', 'policy', 'lists', 'greylist', 'phase', 'errors', '_start', '_last', '_out', '_relay', '_proxy', '_full', '_tls_offer', '_tls_ours', 'tls', 'authenticated', '_auth_mech', '_auth_data', '_sender', '_rcpts', '_rcpts_sent', '_tarpitted', '_held', '_held_rcpt', '_sleep_stage', '_error_slept', '_chunking', '_size', '_client_eof', '_quit', '_buffered_at_hold', '_stalled', '_data_start', '_data_bytes', '_msgs')
 
     def __init__(self, client: Client, policy: ClassPolicy, lists: Lists,
                  greylist: GreylistPort | None, now: float, *, proxy: bool = True,
@@ -167,6 +167,7 @@ class Session:
         self._stalled = False
         self._data_start = 0.0
         self._data_bytes = 0
+        self._msgs = 0              # messages the backend accepted (2xx to end of DATA / BDAT LAST)
 
     # --- driver entry points ---------------------------------------------
 
@@ -335,6 +336,7 @@ class Session:
             fields.append(("tls", 1))
         if self.authenticated:
             fields.append(("auth", 1))
+        fields.append(("msgs", self._msgs))  # always: its absence marks a log from before it
         self._goto("close")
         self._out.append(Close(reason, status, linger, tuple(fields)))
 
@@ -739,6 +741,7 @@ class Session:
         elif kind in ("dot", "bdat_last"):
             self._sender, self._rcpts = None, 0  # the transaction ends, delivered or not
             if ok:
+                self._msgs += 1
                 self.errors = 0  # as Postfix: a delivered message resets the error counter (seed 002)
                 self._greylist_call("delivered", now)
         elif kind in ("auth", "auth_data"):

@@ -495,6 +495,7 @@ class _ConnState:
     named: bool = False
     rule: str = ""
     end: str = ""
+    msgs: int | None = None  # the end line's msgs= (None: a log from before it existed)
     backend_error: bool = False
 
 
@@ -545,6 +546,8 @@ def _advance(state: _ConnState, event: Event) -> None:
     name = event.get("event")
     if name == "end":
         state.end = event.get("reason") or "-"
+        msgs = event.get("msgs")
+        state.msgs = int(msgs) if msgs is not None and msgs.isdigit() else None
     elif name == "error" and event.get("what") == "backend":
         state.backend_error = True
     if not _enforced(event):
@@ -709,8 +712,10 @@ def error_summary(events: Iterable[Event], top: int = 10) -> ErrorSummary:
 def delivered_suspicious(events: Iterable[Event], top: int = UPKEEP_TOP) -> tuple[NameCount, ...]:
     """Return the `top` suspicious clients that most often delivered, most connections first.
 
-    The log has no line for a message's 250, so "delivered" is read from what
-    it has, per connection (conn and pid): class=suspicious; passed (an
+    Per connection (conn and pid): class=suspicious; passed (an enforced
+    tarpit_done or a greylist_pass, as below); and the `end` line's msgs= (the
+    messages the backend accepted) at least 1.  Logs written before `end`
+    carried msgs= are read the old way: "delivered" from what they have: passed (an
     enforced tarpit_done or a greylist_pass, not followed by an enforced
     helo_reject, rcpt_reject, greylist_defer or pregreet: the funnel's
     "passed"); an `end` line whose reason is one of ENDED_NORMALLY (after
@@ -723,8 +728,12 @@ def delivered_suspicious(events: Iterable[Event], top: int = UPKEEP_TOP) -> tupl
     counts: Counter[str] = Counter()
     rules: dict[str, str] = {}
     for state in _connections(events).values():
-        if (state.suspicious and state.passed and state.end in ENDED_NORMALLY
-                and not state.backend_error and state.name):
+        if state.msgs is not None and state.end:  # the end line counts the messages accepted
+            delivered = state.suspicious and state.passed and state.msgs > 0 and bool(state.name)
+        else:  # older logs: read it from the way the connection ended
+            delivered = (state.suspicious and state.passed and state.end in ENDED_NORMALLY
+                         and not state.backend_error and bool(state.name))
+        if delivered:
             counts[state.name] += 1
             rules.setdefault(state.name, state.rule or "-")
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max(top, 0)]

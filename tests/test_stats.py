@@ -895,3 +895,17 @@ def test_the_prometheus_sample_in_stats_md_is_valid_and_current(tmp_path):
     table = {m for m in re.findall(r"^\| `(tarpit_smtpd_\w+)` \|", doc, re.M)}
     assert table == set(re.findall(r"^# TYPE (\S+)", printed, re.M)), "the metric table in stats.md"
     assert {name for name, _ in shown} <= table
+
+
+def test_upkeep_list_reads_msgs_on_the_end_line_where_the_log_has_it(tmp_path):
+    """End lines carry msgs= (messages the backend accepted): passing the tarpit is not delivering."""
+    log = write(tmp_path / "log", [
+        # passed and quit without a message: not a candidate any more
+        line(1, "tarpit_done", host="idle.example", stage="rcpt", elapsed=65.0),
+        line(1, "end", host="idle.example", reason="client_closed", duration=66.0, msgs=0),
+        # delivered twice, then idled out: a candidate, however it ended
+        line(2, "tarpit_done", host="mx2.isp.example", stage="rcpt", elapsed=65.0),
+        line(2, "end", host="mx2.isp.example", reason="timeout", duration=400.0, msgs=2),
+    ])
+    data = json.loads(tarpitctl("--json", log).stdout)["delivered_suspicious"]
+    assert data == [{"name": "mx2.isp.example", "count": 1, "rule": "1"}]
