@@ -35,7 +35,7 @@ def shebang(path: Path) -> str:
     with open(path, "rb") as f:  # follows the link, as the kernel does
         first = f.readline().decode()
     assert first.startswith("#!"), f"{path} is not a script: {first!r}"
-    return first[2:].strip()
+    return first[2:].split()[0]
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
@@ -44,6 +44,19 @@ def test_the_linked_program_runs_the_venvs_python(venv_python, program):
     link = BINDIR / program
     assert link.exists(), f"{link} missing: scripts/setup.sh links it"
     assert shebang(link) == str(venv_python)
+
+
+def test_the_wrapper_runs_isolated_from_the_environments_python_variables(venv_python, tmp_path):
+    """tarpit-smtpd starts with python -I -S: a PYTHONPATH in its environment (a tcprules
+    variable, an envdir) cannot put other code in front of the wrapper's own."""
+    (tmp_path / "libtarpit").mkdir()
+    (tmp_path / "libtarpit" / "__init__.py").write_text("raise SystemExit('hijacked')\n")
+    done = subprocess.run([str(BINDIR / "tarpit-smtpd"), "--version"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode == 0 and "hijacked" not in done.stderr, done.stderr
+    assert done.stdout.startswith("tarpit-smtpd ")
+    with open(BINDIR / "tarpit-smtpd") as f:
+        assert f.readline().split()[1:] == ["-IS"]
 
 
 def test_the_program_on_path_is_the_installed_one(venv_python):
