@@ -3,13 +3,17 @@
 Public names:
   acquire   take one of `limit` slots for `key` in a lock file; the fd holding it, or None
 
-Postfix cannot cap connections per client (seed 002); tcpserver -c caps only the
-total.  We use POSIX byte-range locks in one sparse file: the client's slots are
+tcpserver -c caps only the total; this caps one client (421 4.7.0), as Postfix
+2.2+ does with smtpd_client_connection_count_limit (the old Rate Controls page,
+seed 002, predates it).  Each wrapper is its own process, so the count lives in
+the kernel, as POSIX byte-range locks in one sparse file: the client's slots are
 the bytes [h*limit, h*limit+limit) where h is a 40-bit hash of the key, and a
 slot is taken by locking its byte.  The kernel drops a process's locks when it
 exits, however it exits (even SIGKILL), so a crashed wrapper never leaks a slot,
 and the locks survive execve, so on the exec fast path the backend keeps the
 slot for the rest of the session when the fd is left open across the exec.
+(`tarpit-smtpd serve` counts in memory instead: every connection from one address
+reaches the same worker.)
 """
 
 from __future__ import annotations

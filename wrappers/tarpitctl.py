@@ -17,7 +17,7 @@ import sys
 SUBCOMMANDS = {
     "cdb": "compile a text control list to CDB (atomic)",
     "s25r": "show the S25R verdict for reverse names",
-    "stats": "seed 000/001 tables from tarpit-smtpd logs",
+    "stats": "give-up table, funnel, s25r-allow candidates or Prometheus counters from tarpit-smtpd logs",
     "greylist": "list, purge, whitelist-add, delete greylist records",
     "check": "validate configuration and control files",
 }
