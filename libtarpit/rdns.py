@@ -2,7 +2,14 @@
 
 Public names:
   confirmed_name  PTR of an IP, kept only when the name's A/AAAA includes that IP -> (name, error)
+  name_async      the same for an asyncio driver (the listener), and with confirm=False the
+                  first PTR name alone, as `tcpserver -h` without -p takes it
   parse_server    "host" / "host:port" / "[v6]:port" -> (nameservers, port) for confirmed_name
+
+The queries are asked by one generator (`_steps`) that yields each query and
+is sent its answer, driven by a blocking loop or an asyncio one: the rules are
+written once for both drivers, and no thread is needed in the listener (a thread
+per lookup reserves its stack's address space, which `softlimit -m` refuses).
 
 Under `tcpserver -H` TCPREMOTEHOST is never set, so every client would look
 like S25R rule 0 ("no reverse name").  With TARPIT_RDNS=1 the wrapper calls
@@ -33,7 +40,7 @@ if TYPE_CHECKING:
 
     IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-__all__ = ["confirmed_name", "parse_server"]
+__all__ = ["confirmed_name", "name_async", "parse_server"]
 
 
 def confirmed_name(ip: str, timeout: float, *, nameservers: list[str] | None = None,
@@ -66,13 +73,72 @@ def confirmed_name(ip: str, timeout: float, *, nameservers: list[str] | None = N
     resolver, error = _resolver(timeout, nameservers, port)
     if error:
         return None, error
-    names, error = _ptr_names(resolver, addr, deadline, clock)
+    steps = _steps(addr, confirm=True)
+    answer = None
+    try:
+        while True:
+            qname, rdtype = steps.send(answer)
+            answer = _query(resolver, qname, rdtype, deadline, clock)
+    except StopIteration as done:
+        return done.value
+
+
+async def name_async(ip: str, timeout: float, *, confirm: bool = True, nameservers: list[str] | None = None,
+                     port: int = 53) -> tuple[str | None, str | None]:
+    """confirmed_name() for an asyncio driver: (name, error), without a thread.
+
+    With confirm=False the name is the first PTR name, unchecked (tcpserver -h without -p).
+    Raises ValueError as confirmed_name() does; never raises for DNS trouble.
+    """
+    addr = _client_address(ip)
+    if math.isnan(timeout) or math.isinf(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
+    if timeout <= 0:
+        return None, "timeout"
+    import dns.asyncresolver
+
+    deadline = time.monotonic() + timeout
+    resolver, error = _resolver(timeout, nameservers, port, dns.asyncresolver.Resolver)
     if error:
         return None, error
+    steps = _steps(addr, confirm=confirm)
+    answer = None
+    try:
+        while True:
+            qname, rdtype = steps.send(answer)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                answer = None, "timeout"
+                continue
+            try:
+                found = await resolver.resolve(qname, rdtype, lifetime=remaining, raise_on_no_answer=False)
+            except Exception as e:  # noqa: BLE001 - _answer re-raises what is not DNS trouble
+                answer = _answer(None, e)
+            else:
+                answer = _answer(found, None)
+    except StopIteration as done:
+        return done.value
+
+
+def _steps(addr: IPAddress, *, confirm: bool):
+    """The lookup as a generator: yields (qname, rdtype), is sent (rrset or None, error or None),
+    returns (name, error) as confirmed_name() describes."""
+    import dns.rdatatype
+    import dns.reversename
+
+    rrset, error = yield dns.reversename.from_address(str(addr)), dns.rdatatype.PTR
+    if rrset is None:
+        return None, error
+    names = []
+    for rr in rrset:
+        if rr.target not in names and len(rr.target) > 1:  # skip a PTR to the root "."
+            names.append(rr.target)
+    if not confirm:
+        return (_text(names[0]) if names else None), None
     first_error = None
     for name in names:
-        ok, error = _resolves_to(resolver, name, addr, deadline, clock)
-        if ok:
+        rrset, error = yield name, dns.rdatatype.A if addr.version == 4 else dns.rdatatype.AAAA
+        if rrset is not None and any(_same(rr.address, addr) for rr in rrset):
             return _text(name), None
         first_error = first_error or error
     return None, first_error
@@ -125,12 +191,13 @@ def _client_address(ip: str) -> IPAddress:
     return addr
 
 
-def _resolver(timeout: float, nameservers: list[str] | None, port: int) -> tuple[Any, str | None]:
+def _resolver(timeout: float, nameservers: list[str] | None, port: int,
+              make: Any = None) -> tuple[Any, str | None]:
     import dns.exception
     import dns.resolver
 
     try:
-        resolver = dns.resolver.Resolver(configure=nameservers is None)
+        resolver = (make or dns.resolver.Resolver)(configure=nameservers is None)
     except (dns.exception.DNSException, OSError) as e:
         # a missing or empty /etc/resolv.conf is the host's DNS trouble, not a bug
         return None, _error_token(e)
@@ -140,33 +207,6 @@ def _resolver(timeout: float, nameservers: list[str] | None, port: int) -> tuple
     resolver.lifetime = timeout
     resolver.cache = None
     return resolver, None
-
-
-def _ptr_names(resolver: Any, addr: IPAddress, deadline: float,
-               clock: Callable[[], float]) -> tuple[list[Any], str | None]:
-    import dns.rdatatype
-    import dns.reversename
-
-    answer, error = _query(resolver, dns.reversename.from_address(str(addr)),
-                           dns.rdatatype.PTR, deadline, clock)
-    if answer is None:
-        return [], error
-    names = []
-    for rr in answer:
-        if rr.target not in names and len(rr.target) > 1:  # skip a PTR to the root "."
-            names.append(rr.target)
-    return names, None
-
-
-def _resolves_to(resolver: Any, name: Any, addr: IPAddress, deadline: float,
-                 clock: Callable[[], float]) -> tuple[bool, str | None]:
-    import dns.rdatatype
-
-    rdtype = dns.rdatatype.A if addr.version == 4 else dns.rdatatype.AAAA
-    answer, error = _query(resolver, name, rdtype, deadline, clock)
-    if answer is None:
-        return False, error
-    return any(_same(rr.address, addr) for rr in answer), None
 
 
 def _same(text: str, addr: IPAddress) -> bool:
@@ -179,22 +219,28 @@ def _same(text: str, addr: IPAddress) -> bool:
 def _query(resolver: Any, qname: Any, rdtype: Any, deadline: float,
            clock: Callable[[], float]) -> tuple[Any, str | None]:
     """One query within what is left of the deadline: (rrset or None, error token or None)."""
-    import dns.exception
-    import dns.resolver
-
     remaining = deadline - clock()
     if remaining <= 0:
         return None, "timeout"
     try:
         # qname is absolute (a reverse name or a PTR target), so no search list applies.
-        answer = resolver.resolve(qname, rdtype, lifetime=remaining, raise_on_no_answer=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return _answer(resolver.resolve(qname, rdtype, lifetime=remaining, raise_on_no_answer=False), None)
+    except Exception as e:  # noqa: BLE001 - _answer re-raises what is not DNS trouble
+        return _answer(None, e)
+
+
+def _answer(answer: Any, error: BaseException | None) -> tuple[Any, str | None]:
+    """(rrset or None, error token or None) for a query's answer or exception; re-raises a bug."""
+    import dns.exception
+    import dns.resolver
+
+    if error is None:
+        return answer.rrset, None
+    if isinstance(error, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
         return None, None
-    except dns.exception.DNSException as e:
-        return None, _error_token(e)
-    except (OSError, ValueError) as e:
-        return None, _error_token(e)
-    return answer.rrset, None
+    if isinstance(error, (dns.exception.DNSException, OSError, ValueError)):
+        return None, _error_token(error)
+    raise error
 
 
 def _error_token(e: BaseException) -> str:

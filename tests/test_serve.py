@@ -455,3 +455,38 @@ def test_env_as_the_backend_prints_the_same_under_tcpserver_and_serve(tmp_path, 
     if "r" in flags:  # the identd answers for our own connection from 127.0.0.2
         assert printed["serve", "127.0.0.2"]["TCPREMOTEINFO"] == "root"
     assert printed["serve", "127.0.0.3"]["X_RULE"] == "three" and printed["serve", "127.0.0.3"]["KEEP"] == "2"
+
+
+def test_serve_hp_runs_under_a_memory_limit_like_softlimit_m(tmp_path):
+    """`softlimit -m` in a daemontools run file limits address space and each thread's stack:
+    the name lookups of -h and -p run in the event loop, so no thread is needed for them."""
+    import os
+    import resource
+    import subprocess
+
+    from conftest import free_port
+
+    limit = 200_000_000
+
+    def limited() -> None:
+        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK):
+            resource.setrlimit(which, (limit, limit))
+
+    (tmp_path / "control").mkdir()
+    port, log = free_port(), tmp_path / "serve.log"
+    env = dict(os.environ, TARPIT_CONTROL=str(tmp_path / "control"), TARPIT_STATE_DIR=str(tmp_path))
+    proc = subprocess.Popen(["tarpit-smtpd", "serve", "-vRl0", "-hp", "127.0.0.1", str(port), "tarpit-sink",
+                             str(tmp_path / "md")], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            preexec_fn=limited, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while b"status: 0/" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        for src in (BOT, GOOD):
+            with socket.create_connection(("127.0.0.1", port), source_address=(src, 0), timeout=30) as s:
+                assert recv_reply(s).startswith(b"220"), log.read_text()
+        assert "thread" not in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
