@@ -107,13 +107,15 @@ def admit(env: Mapping[str, str], cfg: Any, lists: Any, now: float,
     refusal with 451.
     """
     from .client import classify
-    from .config import BUILTIN
+    from .config import BUILTIN, unknown_variables
 
     ip = env.get("TCPREMOTEIP", "")
     host = env.get("TCPREMOTEHOST") or None
     relay = "RELAYCLIENT" in env
     name_trusted = cfg.trust_host
-    logs: tuple[Log, ...] = ()
+    # a misspelt knob would be ignored without a word: say so on every connection it reaches
+    logs: tuple[Log, ...] = tuple(Log("error", (("what", "variable"), ("detail", f"{name}: unknown, ignored")))
+                                  for name in unknown_variables(env))
     if rdns is not None:
         host, err = rdns
         name_trusted = True

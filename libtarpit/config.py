@@ -181,6 +181,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """Return the TARPIT_* names in `env` that nothing of ours reads (a typo such as
+    TARPIT_TARPTI), sorted; [] when there are none.  Never raises."""
+    known = {*ENV_KEYS.values(), *GLOBAL_ENV.values(), *(var for var, _ in _OLD_SWITCHES.values()),
+             "TARPIT_CONFIG", "TARPIT_PREFIX", "TARPIT_BINDIR", "TARPIT_MANDIR"}  # the last three: setup.sh's
+    return sorted(n for n in env if n.startswith("TARPIT_") and n not in known)
+
+
 def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:
     """Return `raw` converted to the type of field `name`; ConfigError if it does not fit.
 

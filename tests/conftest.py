@@ -34,8 +34,8 @@ def need(binary: str) -> str:
         packages = {"tcpserver": "ucspi-tcp", "tcprules": "ucspi-tcp", "exim4": "exim4-daemon-light",
                     "redis-server": "redis-server", "swaks": "swaks", "cdb": "tinycdb",
                     "dnsmasq": "dnsmasq-base", "oidentd": "oidentd"}
-        if os.environ.get("TARPIT_REQUIRE_ALL"):
-            pytest.fail(f"{binary} not installed but TARPIT_REQUIRE_ALL is set (CI installs everything)")
+        if os.environ.get("TEST_REQUIRE_ALL"):
+            pytest.fail(f"{binary} not installed but TEST_REQUIRE_ALL is set (CI installs everything)")
         pytest.skip(f"{binary} not installed (Debian package {packages.get(os.path.basename(binary), binary)}); "
                     "the README test command installs it")
     return path
@@ -165,7 +165,7 @@ def user_python():
         bases = [b for b in (shutil.which(want, path="/usr/bin:/usr/local/bin"),) if b]
         if not bases or not _runs_as(pw.pw_uid, pw.pw_gid, [bases[0], "-c", "pass"]):
             msg = f"user {user} cannot run {sys.executable} and there is no system {want} it can run"
-            if os.environ.get("TARPIT_REQUIRE_ALL"):
+            if os.environ.get("TEST_REQUIRE_ALL"):
                 pytest.fail(msg)
             pytest.skip(msg)
         root = Path(tempfile.mkdtemp(prefix="tarpit-userpy-", dir="/tmp"))

@@ -15,7 +15,7 @@ chdirs to the compiled-in root, reads `control/me` and `control/rcpthosts`
 (example.com and example.org) and runs $QMAILQUEUE for each message.  It takes the
 client's address from tcpserver's TCPREMOTEIP/TCPREMOTEHOST; RELAYCLIENT is not set,
 so rcpthosts applies.  A missing tarball, gcc or make skips the test saying why, and
-fails it under TARPIT_REQUIRE_ALL (the rule of conftest.need).
+fails it under TEST_REQUIRE_ALL (the rule of conftest.need).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ RCPTHOSTS = ("example.com", "example.org")
 
 
 def _unavailable(reason: str) -> None:
-    """Skip (or fail under TARPIT_REQUIRE_ALL) because `reason`."""
-    if os.environ.get("TARPIT_REQUIRE_ALL"):
-        pytest.fail(f"{reason} but TARPIT_REQUIRE_ALL is set (CI must be able to build qmail-smtpd)")
+    """Skip (or fail under TEST_REQUIRE_ALL) because `reason`."""
+    if os.environ.get("TEST_REQUIRE_ALL"):
+        pytest.fail(f"{reason} but TEST_REQUIRE_ALL is set (CI must be able to build qmail-smtpd)")
     pytest.skip(reason)
 
 

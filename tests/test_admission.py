@@ -135,3 +135,10 @@ def test_a_dnswl_answer_does_not_touch_a_client_that_is_not_suspicious(tmp_path)
     cfg = load_config({"TARPIT_DNSWL": "list.dnswl.org", "TARPIT_CLASS": "suspicious"})
     adm = admission.admit(NORMAL_ENV, cfg, ControlDir(str(tmp_path)), 0.0, dnswl=Result("127.0.9.3", 3))
     assert adm.client.cls == "suspicious" and adm.logs == (), "TARPIT_CLASS from tcprules wins"
+
+
+def test_a_misspelt_variable_is_named_on_every_connection_and_ignored(tmp_path):
+    adm = admit(tmp_path, {**NORMAL_ENV, "TARPIT_TARPTI": "60", "TARPIT_CONTROL": str(tmp_path)})
+    errors = [dict(line.fields) for line in adm.logs if line.event == "error"]
+    assert errors == [{"what": "variable", "detail": "TARPIT_TARPTI: unknown, ignored"}]
+    assert adm.route == "exec", "the session goes on as if it were not there"

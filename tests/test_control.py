@@ -40,7 +40,7 @@ def helo_refused(arg: str, badheloarg) -> str | None:
 EXAMPLES = Path(__file__).resolve().parent.parent / "control-examples"
 @pytest.fixture
 def tinycdb():
-    """tinycdb's `cdb` command (skips, or fails under TARPIT_REQUIRE_ALL, when it is missing)."""
+    """tinycdb's `cdb` command (skips, or fails under TEST_REQUIRE_ALL, when it is missing)."""
     return need("cdb")
 
 

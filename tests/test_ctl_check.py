@@ -112,3 +112,9 @@ def test_dnswl_is_checked_only_when_on_and_a_dead_zone_is_a_warning(tmp_path):
         out = check(tmp_path, "--no-store", "--tcpserver=-vRl0 -hp", env=env)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "WARNING  dnswl list.dnswl.test: timeout within 0.3 s at 127.0.0.1:" in out.stdout
+
+
+def test_a_misspelt_variable_is_a_warning(tmp_path):
+    out = check(tmp_path, "--no-store", "--tcpserver=-vRl0 -hp", env={"TARPIT_TARPTI": "60"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "WARNING  TARPIT_TARPTI is not a variable tarpit-smtpd reads" in out.stdout

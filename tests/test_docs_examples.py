@@ -513,8 +513,8 @@ def check_tcprules(ex: Example, base: Path) -> None:
 
     tcprules = shutil.which("tcprules")
     if tcprules is None:
-        if os.environ.get("TARPIT_REQUIRE_ALL"):
-            pytest.fail("tcprules not installed but TARPIT_REQUIRE_ALL is set")
+        if os.environ.get("TEST_REQUIRE_ALL"):
+            pytest.fail("tcprules not installed but TEST_REQUIRE_ALL is set")
         pytest.skip("tcprules not installed (Debian package ucspi-tcp)")
     work = base / re.sub(r"\W", "_", ex.id)
     work.mkdir(exist_ok=True)

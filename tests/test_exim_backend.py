@@ -126,7 +126,7 @@ def exim(tmp_path):
     Exim user, which must reach the config, spool and Maildir.
     """
     if not os.path.exists(EXIM):
-        need(EXIM)  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
+        need(EXIM)  # skips with the package name, or fails under TEST_REQUIRE_ALL
     root = make_exim_root("tarpit-exim-")
     try:
         (tmp_path / "exim").symlink_to(root)

@@ -43,7 +43,7 @@ def _free_port() -> int:
 def _start_redis(tmp_dir, *extra: str, password: str | None = None) -> tuple[subprocess.Popen, int]:
     """Start redis-server on a free loopback port (plus `extra` options); return it and the port."""
     if not os.path.exists(REDIS_SERVER) and not shutil.which("redis-server"):
-        need("redis-server")  # skips with the package name, or fails under TARPIT_REQUIRE_ALL
+        need("redis-server")  # skips with the package name, or fails under TEST_REQUIRE_ALL
     binary = REDIS_SERVER if os.path.exists(REDIS_SERVER) else shutil.which("redis-server")
     port = _free_port()
     proc = subprocess.Popen(

@@ -4,7 +4,7 @@ setup.sh puts a venv at $TARPIT_PREFIX (/opt/tarpit-smtpd) and links its program
 $TARPIT_BINDIR (/usr/local/bin), where tcpserver run files name them.  These tests check that
 those names run the venv's interpreter and its regular (not editable) copy of the package, and
 that the programs the end-to-end tests start by name are those.  Without the venv they skip,
-saying so; under TARPIT_REQUIRE_ALL (the README's test command) they fail instead.
+saying so; under TEST_REQUIRE_ALL (the README's test command) they fail instead.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ PROGRAMS = ("tarpit-smtpd", "tarpitctl", "tarpit-sink")
 def venv_python() -> Path:
     python = PREFIX / "bin" / "python"
     if not os.access(python, os.X_OK):
-        if os.environ.get("TARPIT_REQUIRE_ALL"):
-            pytest.fail(f"no venv at {PREFIX} but TARPIT_REQUIRE_ALL is set (scripts/setup.sh makes it)")
+        if os.environ.get("TEST_REQUIRE_ALL"):
+            pytest.fail(f"no venv at {PREFIX} but TEST_REQUIRE_ALL is set (scripts/setup.sh makes it)")
         pytest.skip(f"no venv at {PREFIX} (TARPIT_PREFIX); sh scripts/setup.sh makes it")
     return python
 
@@ -66,7 +66,7 @@ def test_the_program_on_path_is_the_installed_one(venv_python):
     if found is None or Path(found).resolve() != installed.resolve():
         reason = (f"tarpit-smtpd on PATH is {found}, not {installed} -> {installed.resolve()}: "
                   f"the end-to-end tests run that one (scripts/test.sh puts {BINDIR} first)")
-        if os.environ.get("TARPIT_REQUIRE_ALL"):
+        if os.environ.get("TEST_REQUIRE_ALL"):
             pytest.fail(reason)
         pytest.skip(reason)
     assert shebang(Path(found)) == str(venv_python)

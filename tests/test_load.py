@@ -21,8 +21,8 @@ descriptors as before, and no process of the run is left (children of tcpserver,
 process carrying the run's marker in its environment), no half-written queue file.
 
 Size: 100 clients by default (well under a minute on 2 cores, plus the qmail-smtpd build).
-TARPIT_LOAD_FULL=1 runs the full 1000 clients of issue 10 (a few minutes on 2 cores).
-TARPIT_LOAD_CLIENTS=N sets any other size. No timing assertions beyond generous bounds.
+TEST_LOAD_FULL=1 runs the full 1000 clients of issue 10 (a few minutes on 2 cores).
+TEST_LOAD_CLIENTS=N sets any other size. No timing assertions beyond generous bounds.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ RUN_TIMEOUT = 900.0
 
 
 def size() -> int:
-    if os.environ.get("TARPIT_LOAD_CLIENTS"):
-        return int(os.environ["TARPIT_LOAD_CLIENTS"])
-    return 1000 if os.environ.get("TARPIT_LOAD_FULL") == "1" else 100
+    if os.environ.get("TEST_LOAD_CLIENTS"):
+        return int(os.environ["TEST_LOAD_CLIENTS"])
+    return 1000 if os.environ.get("TEST_LOAD_FULL") == "1" else 100
 
 
 def plan(n: int) -> list[tuple[str, str, int]]:
@@ -246,10 +246,10 @@ def test_mixed_load_through_tcpserver_in_front_of_qmail(tarpit_server, qmail_smt
     n = size()
     clients = plan(n)
     queue = tmp_path / "queue"
-    marker = f"TARPIT_LOAD_RUN={uuid.uuid4().hex}"
+    marker = f"LOAD_RUN_MARK={uuid.uuid4().hex}"
     server = tarpit_server(RULES, command=["tarpit-smtpd", *qmail_smtpd.command(queue)],
                            control_files={"rcptusers": "bob\n"}, concurrency=n + 10,
-                           env={"TARPIT_LOAD_RUN": marker.split("=", 1)[1]})
+                           env={"LOAD_RUN_MARK": marker.split("=", 1)[1]})
     assert server.wait_log(r"status: 0/\d+")
     fds_before = fds(server.proc.pid)
 

@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(control):
         print(f"WARNING  control directory {control} does not exist: every client would get 451")
         warnings += 1
+    from libtarpit.config import unknown_variables
+
+    for name in unknown_variables(env):  # the wrapper ignores them, with an error line per connection
+        print(f"WARNING  {name} is not a variable tarpit-smtpd reads (a typo?): it would be ignored")
+        warnings += 1
     present = {}
     for name in LISTS:
         state, ok, warn = describe_list(control, name)
