@@ -30,6 +30,8 @@
     the baseline gets the trusted rule too (qmail-smtpd then skips rcpthosts, as under
     the fast path).  The cases are interleaved over --rounds; the wrapper cases send
     fewer messages (--wrapper-m) because each costs an interpreter start.
+    Also the listener's own CPU per connection (tcpserver's for qmail alone), from
+    /proc/PID/stat: steadier than messages/s on a shared machine.
     Issue 12's targets: serve fast >= 0.8x and serve proxy >= 0.5x of qmail alone.
 
 smtp-source comes from Debian's `postfix` package, unpacked without installing an MTA
@@ -53,6 +55,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from serve_hold import cpu_ticks  # noqa: E402
 from serve_latency import free_port, start  # noqa: E402  (bench/ is not a package)
 
 TARGET_DATA = 0.95
@@ -286,10 +289,16 @@ def main() -> int:
                      "serve proxy": server("serve-proxy", "serve", normal, lists, [str(qsmtpd)], q)}
             for port in ports.values():  # warm up: serve imports its modules at its first clients
                 msgs_per_second(source, port, 20)
+            pids = dict(zip(ports, (p.pid for p in procs[-len(ports):])))
             rates: dict[str, list[float]] = {k: [] for k in ports}
+            cpu: dict[str, list[float]] = {k: [] for k in ports}  # ms of the listener's own CPU per message
+            tick = 1000.0 / os.sysconf("SC_CLK_TCK")
             for _ in range(args.rounds):
                 for k, port in ports.items():
-                    rates[k].append(msgs_per_second(source, port, args.wrapper_m if k.startswith("wrapper") else args.m))
+                    m = args.wrapper_m if k.startswith("wrapper") else args.m
+                    c0 = cpu_ticks([pids[k]])
+                    rates[k].append(msgs_per_second(source, port, m))
+                    cpu[k].append((cpu_ticks([pids[k]]) - c0) * tick / m)
             med = {k: statistics.median(v) for k, v in rates.items()}
             print(f"\n(b) messages/s, smtp-source -s 10 -m {args.m} (wrapper cases -m {args.wrapper_m}), one message "
                   f"per connection, real qmail-smtpd + discarding qmail-queue, median of {args.rounds} interleaved "
@@ -300,6 +309,12 @@ def main() -> int:
                 paired = ", ".join(f"x{r / b:.2f}" for r, b in zip(rates[k], rates["qmail alone"]))
                 print(line(k, med[k], med["qmail alone"], "msg/s", TARGET_MSGS.get(k))
                       + f"  (rounds: {', '.join(f'{r:.0f}' for r in rates[k])}; each against its round's qmail: {paired})")
+            cpus = {k: statistics.median(cpu[k]) for k in ("qmail alone", "serve fast", "serve proxy")}
+            print(f"  listener's own CPU per connection (utime+stime, not its children): tcpserver "
+                  f"{cpus['qmail alone']:.2f} ms, serve fast {cpus['serve fast']:.2f} ms "
+                  f"({cpus['serve fast'] - cpus['qmail alone']:+.2f}), serve proxy {cpus['serve proxy']:.2f} ms "
+                  f"({cpus['serve proxy'] - cpus['qmail alone']:+.2f}); on a busy machine the one listener "
+                  "process gets one share of the CPU, where qmail-smtpd's work is spread over many")
             logs = {k: (work / f"{n}.log").read_text(errors="replace") for k, n in
                     (("serve fast", "serve-fast"), ("serve proxy", "serve-proxy"), ("wrapper fast", "wrapper-fast"),
                      ("wrapper proxy", "wrapper-proxy"))}
