@@ -57,9 +57,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from serve_latency import free_port, start  # noqa: E402  (bench/ is not a package)
-from serve_memory import pss_kb  # noqa: E402
+sys.path.insert(0, str(HERE))  # bench/ is not a package: its helpers are imported from here
+from serve_latency import free_port, start
+from serve_memory import pss_kb
 
 SUSPICIOUS = "p1234-ipbf56abcdef.tokyo.ocn.ne.jp"
 KNOBS = {"greet": 'GREETDELAY="600",TARPIT_GREYLIST="off"',
@@ -327,10 +327,10 @@ def measure(kind: str, case: str, k: int, args, work: Path, mini: Path, wrapper:
     # the backend alone holds a client once it answered its last line (or sent its banner)
     clients = Clients(port, WALK[case], base, reply_to_last=kind == "tcpserver")
     if kind == "tcpserver":
-        held = lambda: clients.walked  # noqa: E731
+        held = lambda: clients.walked
     else:
         word = b"event=connect" if case == "greet" else b"event=tarpit_start"
-        held = lambda: tail.count(word)  # noqa: E731
+        held = lambda: tail.count(word)
     out: dict = {"kind": kind, "case": case, "k": k}
     try:
         clients.hold(WARM, held)
