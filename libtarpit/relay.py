@@ -20,13 +20,12 @@ Framing rules that keep commands from being smuggled past the checks:
 
 from __future__ import annotations
 
-import re
 
 from . import smtp
 from .actions import SendBackend
 
 MAX_BUFFER = 65536
-_DATA_END = re.compile(rb"\r\n\.\r\n")
+DATA_END = b"\r\n.\r\n"
 
 
 class Pending:
@@ -122,14 +121,20 @@ class Relay:
     def body(self) -> bool:
         """Pass buffered message bytes to the backend; True once <CRLF>.<CRLF> went through."""
         data = self.inbuf.take()
-        buf = self._tail + data
-        m = _DATA_END.search(buf)
-        if m is None:
-            if data:
-                self.out.append(SendBackend(data))
-            self._tail = buf[-4:]
-            return False
-        cut = m.end() - len(self._tail)
+        # a message is megabytes in reads of up to 256 KB: look for the end in the read itself,
+        # and join only the last bytes before it to its first ones (an end split across reads)
+        tail = self._tail
+        found = (tail + data[:4]).find(DATA_END)
+        if found >= 0:
+            cut = found + 5 - len(tail)
+        else:
+            found = data.find(DATA_END)
+            if found < 0:
+                if data:
+                    self.out.append(SendBackend(data))
+                self._tail = data[-4:] if len(data) >= 4 else (tail + data)[-4:]
+                return False
+            cut = found + 5
         self.out.append(SendBackend(data[:cut]))
         self.inbuf.feed(data[cut:], front=True)
         self.queue.append(Pending("dot"))

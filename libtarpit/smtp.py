@@ -91,8 +91,10 @@ class LineSplitter:
 
     def take(self, n: int | None = None) -> bytes:
         """Remove and return up to `n` buffered bytes (all when None), raw."""
-        if n is None:
-            n = len(self._buf)
+        if n is None or n >= len(self._buf):  # the whole buffer: one copy, not a slice and a move
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
