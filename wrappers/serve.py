@@ -44,6 +44,7 @@ TOO_BUSY = b"421 4.3.2 Too many connections, try again later\r\n"
 LONG_OPTIONS = ("control=", "config=", "workers=", "backends=", "daemon", "pidfile=", "log=")
 PIDFILE = "/run/tarpit-smtpd.pid"
 LOGFILE = "/var/log/tarpit-smtpd.log"
+BACKEND_BUFFER = 1 << 20  # bytes on the way to the backend before its client waits
 SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h; not in the socket module
 
 
@@ -164,6 +165,19 @@ class Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.on_eof()
+
+
+class BackendSide(Side):
+    """The backend's socket: a deeper write buffer before back pressure than asyncio's 64 KiB.
+
+    A message body arrives in reads of up to 256 KiB; with 64 KiB the client is paused and
+    resumed on every read and a 50 MB body went at 0.6x of direct."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_write_buffer_limits(high=BACKEND_BUFFER)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]
 
 
 class Connection:
@@ -502,6 +516,8 @@ class Connection:
     def start_backend(self) -> list:
         """The backend on a socketpair, relayed by this loop."""
         ours, theirs = socket.socketpair()
+        for sock, opt in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, opt, BACKEND_BUFFER)  # a ceiling: taken only when used
         try:
             self.backend_pid, self.backend_exit = self.listener.children.spawn(
                 self.listener.program, self.listener.environ(self.env), theirs.fileno())
@@ -512,7 +528,7 @@ class Connection:
             theirs.close()
         self.env = None
         loop = asyncio.get_running_loop()
-        self.backend = Side(self.from_backend, self.backend_eof, self.backend_filled)
+        self.backend = BackendSide(self.from_backend, self.backend_eof, self.backend_filled)
         loop.create_task(loop.connect_accepted_socket(lambda: self.backend, ours))
         return []
 
