@@ -117,24 +117,6 @@ class Children:
                 if not fut.done():
                     fut.set_result(os.waitstatus_to_exitcode(status))
 
-    @staticmethod
-    async def stop(pid: int, exited: asyncio.Future, linger: float) -> int:
-        """Let child `pid` exit on its own for `linger` s, then TERM, then KILL; return its status."""
-        for sig, wait in ((None, linger), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
-            if sig is not None and not exited.done():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if exited.done():
-                return exited.result()
-            if wait > 0:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(exited), wait)
-                except asyncio.TimeoutError:
-                    pass
-        return -signal.SIGKILL
-
 
 class Side(asyncio.Protocol):
     """One socket of a connection (client or backend): bytes in go to `on_data`, EOF to `on_eof`,
@@ -352,8 +334,7 @@ class Connection:
             elif isinstance(a, A.Passthrough):
                 self.pipe = True
             elif isinstance(a, A.Close):
-                asyncio.ensure_future(self.close(a))
-                return
+                return self.close(a)
         self.schedule()
 
     def schedule(self) -> None:
@@ -583,18 +564,44 @@ class Connection:
         # the connection counts against -c until its backend exits, as tcpserver counts children
         exited.add_done_callback(lambda _f: self.finish())
 
-    async def close(self, action) -> None:
-        """Deliver the last replies, let the backend exit, write the end line."""
+    def close(self, action) -> None:
+        """Deliver the last replies, let the backend exit (at once, or within the action's
+        linger, then TERM, then KILL), write the end line when it has.
+
+        Done in the event that asked for it, not in a task: a client that leaves the tarpit
+        is freed within the loop iteration that saw it go (and its backend told to stop)."""
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
         if self.client is not None and self.client.transport is not None:
             self.client.transport.close()  # flushes what is buffered first
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.close()
-        if self.backend_pid:
-            status = await Children.stop(self.backend_pid, self.backend_exit, action.linger)
-            if status and action.linger > 0:
-                self.log.event("error", what="backend", detail=f"exited with status {status}")
+        exited = self.backend_exit if self.backend_pid else None
+        if exited is None or exited.done():
+            return self.ended(action, exited.result() if exited is not None else 0)
+        if action.linger > 0:
+            self.timer = asyncio.get_running_loop().call_later(action.linger, self.kill, signal.SIGTERM)
+        else:
+            self.kill(signal.SIGTERM)
+        exited.add_done_callback(lambda f: self.ended(action, f.result()))
+
+    def kill(self, sig: int) -> None:
+        """Send the backend `sig`; after TERM, KILL follows in a second if it is still there."""
+        try:
+            os.kill(self.backend_pid, sig)
+        except ProcessLookupError:
+            return
+        if sig == signal.SIGTERM:
+            self.timer = asyncio.get_running_loop().call_later(1.0, self.kill, signal.SIGKILL)
+
+    def ended(self, action, status: int) -> None:
+        """The backend has exited with `status` (or there was none): the end line, then finish."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if status and action.linger > 0:
+            self.log.event("error", what="backend", detail=f"exited with status {status}")
         self.log.event("end", **dict(action.fields))
         self.finish()
 
