@@ -153,6 +153,11 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+# (key, value bytes) -> Rule: the listener looks up every client, and a rule's decoded strings,
+# shared by all the clients it matches, would otherwise be copied into each (~0.4 KB each)
+_rules: dict[tuple[str, bytes], Rule] = {}
+
+
 def _load(path: str) -> bytes:
     """Return the file's bytes, from memory while its identity is unchanged; ControlError otherwise."""
     try:
@@ -193,8 +198,13 @@ def lookup(path: str, ip: str, host: str | None = None, info: str | None = None)
     for key in keys(ip, host, info):
         found = _find(data, _raw(key), path)
         if found is not None:
-            action, env = parse_value(found)
-            return Rule(action, key, env)
+            rule = _rules.get((key, found))
+            if rule is None:
+                if len(_rules) >= 4096:  # a file with a rule per address: do not grow for ever
+                    _rules.clear()
+                action, env = parse_value(found)
+                rule = _rules[key, found] = Rule(action, key, env)
+            return rule
     return None
 
 
