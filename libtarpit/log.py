@@ -126,15 +126,18 @@ class EventLog:
 
     def __init__(self, stream: TextIO, base: Mapping[str, object]):
         self._stream = stream
-        self._base: dict[str, object] = dict(base)
+        # key, value, key, value, ...: a listener holds thousands of these, and a dict is 0.3 KB
+        self._base: tuple[object, ...] = tuple(x for pair in base.items() for x in pair)
 
     def update(self, **fields: object) -> None:
         """Set or replace per-connection fields carried by later lines."""
-        self._base.update(fields)
+        base = dict(zip(self._base[::2], self._base[1::2]))
+        base.update(fields)
+        self._base = tuple(x for pair in base.items() for x in pair)
 
     def event(self, name: str, **fields: object) -> str:
         """Write the line for event `name` and return it (without newline)."""
-        pairs = list(self._base.items()) + [("event", name)] + list(fields.items())
+        pairs = list(zip(self._base[::2], self._base[1::2])) + [("event", name)] + list(fields.items())
         line = format_line(pairs)
         try:
             self._stream.write(line + "\n")

@@ -199,7 +199,7 @@ class Connection:
         self.tls_pending: Any = None            # the TLS layer while its handshake runs
         self.session: Any = None
         self.log: Any = None
-        self.sleeping: dict | None = None
+        self.sleeping: list | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: float | None = None  # the session deadline self.timer is armed for (None: another use)
         self.tls: Any = None
@@ -423,10 +423,10 @@ class Connection:
                 return
         if self.sleeping is not None:
             sl = self.sleeping
-            if not sl["early"]:
-                sl["early_at"] = now() - sl["start"]
-            sl["early"] += data
-            if len(sl["early"]) > 65536:
+            if not sl[1]:
+                sl[2] = now() - sl[0]
+            sl[1] += data
+            if len(sl[1]) > 65536:
                 self.client.transport.pause_reading()
             return
         if self.pipe:
@@ -444,7 +444,7 @@ class Connection:
 
     def start_sleep(self, seconds: float) -> None:
         """A disconnect-aware sleep: keep reading to see the hang-up, hold what the client sends."""
-        self.sleeping = {"start": now(), "early": b"", "early_at": None}
+        self.sleeping = [now(), b"", None]  # start, what the client sent meanwhile, when (a list: a dict is 0.2 KB)
         if self.timer is not None:
             self.timer.cancel()
         self.timer, self.timer_at = asyncio.get_running_loop().call_later(seconds, self.wake), None
@@ -463,7 +463,7 @@ class Connection:
         self.client.transport.pause_reading()
         self.backend_reading()
         result = SleepResult(Outcome.DISCONNECTED if disconnected else Outcome.ELAPSED,
-                             round(now() - sl["start"], 3), sl["early"], sl["early_at"])
+                             round(now() - sl[0], 3), sl[1], sl[2])
         self.act(self.session.sleep_done(result, now()))
 
     def start_tls(self, reply: bytes) -> list:
