@@ -267,8 +267,9 @@ def lines_for(server, ip: str) -> list[dict[str, str]]:
     return [e for e in server.events() if e["ip"] == ip]
 
 
-def test_a_listed_suspicious_client_is_trusted_and_not_tarpitted(zone_server, tarpit_server, toml):
-    server = tarpit_server(RULES, env=wrapper_env(zone_server, toml))
+@pytest.mark.parametrize("listener", [False, True], ids=["wrapper", "serve"])
+def test_a_listed_suspicious_client_is_trusted_and_not_tarpitted(zone_server, tarpit_server, toml, listener):
+    server = tarpit_server(RULES, env=wrapper_env(zone_server, toml), listener=listener)
     deliver(server, "127.0.0.2")
     lines = lines_for(server, "127.0.0.2")
     assert [(e["event"], e["class"]) for e in lines] == [("dnswl", "trusted"), ("connect", "trusted"),
@@ -277,9 +278,10 @@ def test_a_listed_suspicious_client_is_trusted_and_not_tarpitted(zone_server, ta
     assert server.messages() == [MESSAGE]
 
 
+@pytest.mark.parametrize("listener", [False, True], ids=["wrapper", "serve"])
 @pytest.mark.parametrize("src, detail", [("127.0.0.3", "blocked 127.0.0.255"), ("127.0.0.4", "blocked 10.0.0.1")])
-def test_a_refused_query_trusts_nobody(zone_server, tarpit_server, toml, src, detail):
-    server = tarpit_server(RULES, env=wrapper_env(zone_server, toml))
+def test_a_refused_query_trusts_nobody(zone_server, tarpit_server, toml, src, detail, listener):
+    server = tarpit_server(RULES, env=wrapper_env(zone_server, toml), listener=listener)
     deliver(server, src)
     lines = lines_for(server, src)
     assert lines[0]["event"] == "error" and (lines[0]["what"], lines[0]["detail"]) == ("dnswl", detail)
