@@ -453,7 +453,11 @@ def test_env_as_the_backend_prints_the_same_under_tcpserver_and_serve(tmp_path, 
         assert printed["serve", src] == printed["tcpserver", src], src
         assert printed["wrapper", src] == printed["tcpserver", src], f"{src}: the wrapper adds or changes nothing"
     if "r" in flags:  # the identd answers for our own connection from 127.0.0.2
-        assert printed["serve", "127.0.0.2"]["TCPREMOTEINFO"] == "root"
+        info = printed["serve", "127.0.0.2"].get("TCPREMOTEINFO")
+        if identd is not None:  # ours, as root, with oidentd's defaults: the user's name
+            assert info == "root"
+        else:  # the machine's own ident service, whatever its configuration answers
+            assert info is not None
     assert printed["serve", "127.0.0.3"]["X_RULE"] == "three" and printed["serve", "127.0.0.3"]["KEEP"] == "2"
 
 
