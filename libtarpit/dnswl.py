@@ -216,40 +216,23 @@ def _prepare(ip: str, zone: str, timeout: float) -> tuple[str, Result | None]:
 
 
 def _setup(make: Any, timeout: float, nameservers: list[str] | None, port: int) -> tuple[Any, Result | None]:
-    """A resolver as libtarpit.rdns sets one up (no cache, one lifetime), or the Result of failing to."""
-    import dns.exception
+    """A resolver set up as libtarpit.rdns sets one up (no cache, one lifetime), or the Result of failing to."""
+    from .rdns import _resolver  # one resolver set-up and one set of error tokens for both lookups
 
-    from .rdns import _error_token  # one set of error tokens for both lookups
-
-    try:
-        resolver = make(configure=nameservers is None)
-    except (dns.exception.DNSException, OSError) as e:
-        # a missing or empty /etc/resolv.conf is the host's DNS trouble, not a bug
-        return None, Result(error=_error_token(e))
-    if nameservers is not None:
-        resolver.nameservers = list(nameservers)
-        resolver.port = port
-    resolver.lifetime = timeout
-    resolver.cache = None
-    return resolver, None
+    resolver, error = _resolver(timeout, nameservers, port, make)
+    return resolver, (Result(error=error) if error else None)
 
 
 def _answered(answer: Any, error: BaseException | None) -> Result:
     """The Result of a resolve() that returned `answer` or raised `error` (re-raised unless DNS trouble)."""
-    import dns.exception
-    import dns.resolver
+    from .rdns import _answer
 
-    from .rdns import _error_token
-
-    if isinstance(error, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
+    rrset, token = _answer(answer, error)
+    if token:
+        return Result(error=token)
+    if rrset is None:
         return Result()
-    if isinstance(error, (dns.exception.DNSException, OSError, ValueError)):
-        return Result(error=_error_token(error))
-    if error is not None:
-        raise error
-    if answer.rrset is None:
-        return Result()
-    return judge(rr.address for rr in answer.rrset)
+    return judge(rr.address for rr in rrset)
 
 
 def lookup_for(cfg: Any, ip: str) -> Result:

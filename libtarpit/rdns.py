@@ -64,10 +64,8 @@ def confirmed_name(ip: str, timeout: float, *, nameservers: list[str] | None = N
     infinite, or `nameservers` holds something that is not an address (see
     parse_server); never raises for DNS trouble.
     """
-    addr = _client_address(ip)
-    if math.isnan(timeout) or math.isinf(timeout):
-        raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
-    if timeout <= 0:
+    addr = _start(ip, timeout)
+    if addr is None:
         return None, "timeout"
     deadline = clock() + timeout
     resolver, error = _resolver(timeout, nameservers, port)
@@ -90,10 +88,8 @@ async def name_async(ip: str, timeout: float, *, confirm: bool = True, nameserve
     With confirm=False the name is the first PTR name, unchecked (tcpserver -h without -p).
     Raises ValueError as confirmed_name() does; never raises for DNS trouble.
     """
-    addr = _client_address(ip)
-    if math.isnan(timeout) or math.isinf(timeout):
-        raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
-    if timeout <= 0:
+    addr = _start(ip, timeout)
+    if addr is None:
         return None, "timeout"
     import dns.asyncresolver
 
@@ -118,6 +114,15 @@ async def name_async(ip: str, timeout: float, *, confirm: bool = True, nameserve
                 answer = _answer(found, None)
     except StopIteration as done:
         return done.value
+
+
+def _start(ip: str, timeout: float) -> IPAddress | None:
+    """The client's address to look up, or None when `timeout` leaves no time for a query;
+    ValueError for an `ip` that is no address or a NaN or infinite `timeout`."""
+    addr = _client_address(ip)
+    if math.isnan(timeout) or math.isinf(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds: {timeout!r}")
+    return addr if timeout > 0 else None
 
 
 def _steps(addr: IPAddress, *, confirm: bool):
