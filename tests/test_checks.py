@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from libtarpit import checks
-from libtarpit.config import BUILTIN, DEFAULTS, load_config
+from libtarpit.config import DEFAULTS, load_config
 from libtarpit.session import Lists, Log, SendBackend, SendClient, Session, classify
-from libtarpit.sleep import Outcome, SleepResult
 
 BOT = classify("93.184.216.34", "p1-2.dyn.example.net", relayclient=False, verdict=None)._replace(cls="suspicious")
 BANNER = b"220 backend ESMTP\r\n"

@@ -42,7 +42,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -422,7 +421,7 @@ def _check_tcpserver(words: list[str], base: Path) -> None:
                     assert arg.isdigit(), f"-{letter} {arg}: not a number"
                 i = len(word)
     assert len(rest) >= 3, f"tcpserver wants host, port and program: {rest}"
-    host, port, program = rest[0], rest[1], rest[2]
+    port, program = rest[1], rest[2]
     assert port.isdigit() or port in ("smtp", "submission"), f"port {port!r}"
     assert os.path.basename(program) in _installed_programs(), \
         f"tcpserver runs {program!r}, which is not one of the programs we install"

@@ -238,7 +238,6 @@ def _verdict_events(scan: Scan, call: ast.Call) -> set[str]:
 
 def collect(scan: Scan) -> tuple[set[Found], list[str]]:
     """Return everything the sources can log, and what could not be resolved."""
-    from libtarpit import checks
 
     found: set[Found] = set()
     unresolved: list[str] = []

@@ -688,7 +688,6 @@ def lying_helo(server, src: str) -> bytes:
 @pytest.fixture
 def real_log(tarpit_server):
     """A log written by a real tcpserver -> tarpit-smtpd -> tarpit-sink run (see the test)."""
-    from conftest import recv_reply
     from test_targrey_e2e import attempt
 
     server = tarpit_server(RUN_RULES)
