@@ -181,12 +181,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Every environment variable load_config reads: serve keys its cache of Configs on their values,
+# and unknown_variables tells a typo from them.
+VARIABLES: tuple[str, ...] = tuple(sorted({*ENV_KEYS.values(), *GLOBAL_ENV.values(),
+                                           *(var for var, _ in _OLD_SWITCHES.values())}))
+_KNOWN = frozenset(VARIABLES) | {"TARPIT_CONFIG", "TARPIT_PREFIX", "TARPIT_BINDIR", "TARPIT_MANDIR"}  # setup.sh's
+
+
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
     """Return the TARPIT_* names in `env` that nothing of ours reads (a typo such as
     TARPIT_TARPTI), sorted; [] when there are none.  Never raises."""
-    known = {*ENV_KEYS.values(), *GLOBAL_ENV.values(), *(var for var, _ in _OLD_SWITCHES.values()),
-             "TARPIT_CONFIG", "TARPIT_PREFIX", "TARPIT_BINDIR", "TARPIT_MANDIR"}  # the last three: setup.sh's
-    return sorted(n for n in env if n.startswith("TARPIT_") and n not in known)
+    return sorted(n for n in env if n.startswith("TARPIT_") and n not in _KNOWN)
 
 
 def _convert(name: str, raw: Any, kind: Any, source: str) -> Any:

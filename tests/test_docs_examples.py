@@ -577,8 +577,7 @@ def known_variables() -> set[str]:
     """The TARPIT_* variables something of ours reads: the configuration's, and setup's."""
     from libtarpit import config
 
-    names = {*config.ENV_KEYS.values(), *config.GLOBAL_ENV.values(), "TARPIT_CONFIG"}
-    names |= {var for var, _ in config._OLD_SWITCHES.values()}
+    names = {*config.VARIABLES, "TARPIT_CONFIG"}
     for script in (ROOT / "scripts").glob("*.sh"):
         names |= set(re.findall(r"\bTARPIT_[A-Z0-9_]+", script.read_text()))
     return names

@@ -738,7 +738,6 @@ class Listener:
         self.worker: int | None = None               # this worker's slot under --workers
         self._stores: dict[str, Any] = {}
         self._configs: dict[tuple, Any] = {}
-        self._config_vars: tuple[str, ...] = ()
 
     def environ(self, diff: tuple) -> dict[str, str]:
         """The backend's environment from a connection's (set, unset) difference to ours."""
@@ -774,10 +773,7 @@ class Listener:
         """
         from libtarpit import config as C
 
-        if not self._config_vars:
-            names = {*C.GLOBAL_ENV.values(), *C.ENV_KEYS.values(), *(v for v, _ in C._OLD_SWITCHES.values())}
-            self._config_vars = tuple(sorted(names))
-        key = tuple(env.get(v) for v in self._config_vars)
+        key = tuple(env.get(v) for v in C.VARIABLES)
         cfg = self._configs.get(key)
         if cfg is None:
             cfg = C.load_config(env, self.toml_text, self.toml_source)
