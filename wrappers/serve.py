@@ -157,7 +157,7 @@ class BackendSide:
 
     Not an asyncio transport: a transport is ~0.8 KB, and a client held in the RCPT tarpit
     keeps its backend's socket for as long as it is held.  It offers the few transport
-    methods the connection uses (write, pause_reading, resume_reading, close, is_closing) and
+    methods the connection needs (write, pause_reading, resume_reading, close, is_closing) and
     calls the connection's from_backend, backend_eof and backend_filled.  Up to BACKEND_BUFFER
     bytes may wait to be written before the client is paused (asyncio's 64 KiB would pause it
     on every 256 KiB read of a message body)."""
@@ -173,10 +173,6 @@ class BackendSide:
         self.state = 0
         sock.setblocking(False)
         self.resume_reading()
-
-    @property
-    def transport(self) -> BackendSide:
-        return self
 
     def is_closing(self) -> bool:
         return bool(self.state & (self.CLOSING | self.CLOSED))
@@ -258,7 +254,7 @@ class Connection:
 
     __slots__ = ("listener", "sock", "peer", "local", "client", "backend", "backend_pid", "backend_status", "closing",
                  "session", "log", "sleeping", "timer", "timer_at", "tls", "tls_pending", "tls_files", "pipe", "done",
-                 "ip", "env", "client_full", "backend_full", "__weakref__")
+                 "ip", "env", "client_full", "__weakref__")
 
     def __init__(self, listener: Listener, sock: socket.socket, peer: tuple, local: tuple):
         self.listener = listener
@@ -278,7 +274,7 @@ class Connection:
         self.tls: Any = None
         self.tls_files: Any = None
         self.pipe = False
-        self.client_full = self.backend_full = False  # our writes to it wait in its transport
+        self.client_full = False  # our writes to the client wait in its transport
         self.done = 0  # 1: counted against the per-IP cap; 2: over (see finish)
         self.ip = ""
 
@@ -416,8 +412,8 @@ class Connection:
             elif isinstance(a, A.SendClient):
                 self.to_client(a.data)
             elif isinstance(a, A.SendBackend):
-                if self.backend is not None and self.backend.transport is not None:
-                    self.backend.transport.write(a.data)
+                if self.backend is not None:
+                    self.backend.write(a.data)
             elif isinstance(a, A.Sleep):
                 self.start_sleep(a.seconds)
             elif isinstance(a, A.StartBackend):
@@ -442,7 +438,8 @@ class Connection:
         if s.phase == "tls":  # the handshake reads the client; its own timer bounds it
             self.client.transport.resume_reading()
             return
-        if (self.pipe or s.wants_client()) and not self.backend_full:
+        backend_full = self.backend is not None and self.backend.state & BackendSide.FULL
+        if (self.pipe or s.wants_client()) and not backend_full:
             self.client.transport.resume_reading()
         else:
             self.client.transport.pause_reading()
@@ -503,8 +500,8 @@ class Connection:
                 self.client.transport.pause_reading()
             return
         if self.pipe:
-            if self.backend is not None and self.backend.transport is not None:
-                self.backend.transport.write(data)
+            if self.backend is not None:
+                self.backend.write(data)
             return
         self.act(self.session.client_data(data, now()))
 
@@ -608,8 +605,8 @@ class Connection:
         return []
 
     def backend_filled(self, full: bool) -> None:
-        """Back pressure: a backend slower than its client (a message body) stops the client's reads."""
-        self.backend_full = full
+        """Back pressure: a backend slower than its client (a message body) stops the client's reads
+        (schedule reads the backend side's FULL state to keep them stopped)."""
         if full:
             self.client.transport.pause_reading()
         else:
@@ -622,7 +619,7 @@ class Connection:
 
     def backend_reading(self) -> None:
         """Read the backend unless a sleep holds the session or the client cannot take more."""
-        t = self.backend.transport if self.backend is not None else None
+        t = self.backend
         if t is None or t.is_closing():
             return
         if self.sleeping is None and not self.client_full:
@@ -667,8 +664,8 @@ class Connection:
             self.timer = None
         if self.client is not None and self.client.transport is not None:
             self.client.transport.close()  # flushes what is buffered first
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.close()
+        if self.backend is not None:
+            self.backend.close()
         if not self.backend_pid or self.backend_status is not None:
             return self.ended(action, self.backend_status or 0)
         self.closing = action  # exited() ends it
@@ -731,7 +728,6 @@ class Listener:
         self.config_path = config_path
         self.base_env = dict(os.environ)
         self.per_ip: dict[str, int] = {}
-        self.active = 0                              # this worker's clients
         self.clients = clients or Counter()          # every worker's clients (-c)
         self.backends = backends or Counter()        # every worker's backends running (--backends)
         self.backend_limit = backend_limit
@@ -827,7 +823,7 @@ class Listener:
         # SIGTERM: stop accepting, let the sessions held here finish, up to DRAIN seconds
         accepting.cancel()
         srv.close()
-        self.say(f"stopping: {self.active} sessions, at most {DRAIN:g} s")
+        self.say(f"stopping: {self.clients.mine()} sessions, at most {DRAIN:g} s")
         deadline = loop.time() + DRAIN
         while [c for c in self.conns if c.session is not None] and loop.time() < deadline:
             await asyncio.sleep(0.1)
@@ -845,7 +841,6 @@ class Listener:
                     pass
                 sock.close()
                 continue
-            self.active += 1
             self.clients.add(1)
             self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
             loop.create_task(self.one(sock, peer))
@@ -881,8 +876,8 @@ class Listener:
         fields = " ".join(f"{k}={v}" for k, v in sorted(phases.items()))
         cls = " ".join(f"{k}={v}" for k, v in sorted(classes.items()))
         worker = "" if self.worker is None else f"worker={self.worker} "
-        self.say(f"snapshot {worker}active={self.active} backends={backends} exec={len(self.children.owners) - backends} "
-                 f"phases: {fields or '-'} classes: {cls or '-'}")
+        self.say(f"snapshot {worker}active={self.clients.mine()} backends={backends} "
+                 f"exec={len(self.children.owners) - backends} phases: {fields or '-'} classes: {cls or '-'}")
 
     async def one(self, sock: socket.socket, peer: tuple) -> None:
         """Admit one client and start its session; the session then runs on callbacks alone, so
@@ -903,7 +898,6 @@ class Listener:
     def gone(self, conn: Connection) -> None:
         """A connection is over (its session closed, or its exec'd backend exited)."""
         self.conns.discard(conn)
-        self.active -= 1
         self.clients.add(-1)
         self.say(f"status: {self.clients.total()}/{self.args.concurrency}")
 
