@@ -494,3 +494,21 @@ def test_serve_hp_runs_under_a_memory_limit_like_softlimit_m(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_the_idle_timeout_counts_from_the_clients_last_command(tarpit_server):
+    """serve arms its deadline timer lazily (not once per event): a client active within the
+    timeout is never cut off at the first deadline, and an idle one gets 421 and an end line."""
+    rules = SERVE_RULES + '127.0.0.16:allow,TCPREMOTEHOST="mail.example.com",TARPIT_TIMEOUT="4"\n'
+    server = tarpit_server(rules, listener=True, control_files={"rcptusers": "bob\n"})
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.16", 0), timeout=30)
+    assert recv_reply(sock).startswith(b"220")
+    sock.sendall(b"HELO mail.example.com\r\n")
+    assert recv_reply(sock).startswith(b"250")
+    for _ in range(2):  # 6 s in all, past the first deadline (4 s after HELO)
+        time.sleep(3)
+        sock.sendall(b"NOOP\r\n")
+        assert recv_reply(sock).startswith(b"250"), "active within the timeout: still served"
+    assert recv_reply(sock).startswith(b"421 4.4.2"), "then idle for 4 s: timed out"
+    sock.close()
+    assert server.wait_log("event=end reason=timeout")

@@ -444,18 +444,23 @@ class Connection:
         else:
             self.client.transport.pause_reading()
         deadline = None if self.pipe else s.deadline()
+        if deadline is not None and self.timer_at is not None and self.timer_at <= deadline:
+            return  # armed no later than needed: due() looks again (no timer per event)
+        self.set_timer(None if deadline is None else deadline - now(), self.due, at=deadline)
+
+    def set_timer(self, delay: float | None, callback=None, *args, at: float | None = None) -> None:
+        """Cancel the connection's one timer and, given a `delay` in seconds, arm it for
+        callback(*args).  `at` is the session deadline it stands for (see schedule), None for
+        any other use: a sleep, a TLS handshake, the backend's time to exit."""
         if self.timer is not None:
-            if deadline is not None and self.timer_at is not None and self.timer_at <= deadline:
-                return  # armed no later than needed: due() looks again (no timer per event)
-            self.timer.cancel()
-            self.timer = self.timer_at = None
-        if deadline is not None:
-            self.timer_at = deadline
-            self.timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now()), self.due)
+            self.timer.cancel()  # harmless on the one that just fired
+        self.timer, self.timer_at = None, at
+        if delay is not None:
+            self.timer = asyncio.get_running_loop().call_later(max(0.0, delay), callback, *args)
 
     def due(self) -> None:
         """The deadline timer: time out the session if its deadline has come, else wait on."""
-        self.timer = self.timer_at = None
+        self.set_timer(None)
         s = self.session
         if s is None or s.phase == "closed" or self.sleeping is not None:
             return
@@ -515,9 +520,7 @@ class Connection:
     def start_sleep(self, seconds: float) -> None:
         """A disconnect-aware sleep: keep reading to see the hang-up, hold what the client sends."""
         self.sleeping = [now(), b"", None]  # start, what the client sent meanwhile, when (a list: a dict is 0.2 KB)
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer, self.timer_at = asyncio.get_running_loop().call_later(seconds, self.wake), None
+        self.set_timer(seconds, self.wake)
         self.client.transport.resume_reading()
         self.backend_reading()  # paused: the session takes nothing while it sleeps
 
@@ -527,9 +530,7 @@ class Connection:
         sl, self.sleeping = self.sleeping, None
         if sl is None:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.set_timer(None)
         self.client.transport.pause_reading()
         self.backend_reading()
         result = SleepResult(Outcome.DISCONNECTED if disconnected else Outcome.ELAPSED,
@@ -547,14 +548,11 @@ class Connection:
             return self.session.tls_done(False, f"certificate: {e}", now())
         self.to_client(reply)
         self.tls_pending = tls  # from_client hands the client's bytes to handshake_data meanwhile
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer, self.timer_at = asyncio.get_running_loop().call_later(
-            self.session.policy.idle_timeout or 60.0, self.handshake_timeout), None
+        self.set_timer(self.session.policy.idle_timeout or 60.0, self.handshake_timeout)
         return []
 
     def handshake_timeout(self) -> None:
-        self.timer = None
+        self.set_timer(None)
         if self.session is not None and self.session.phase == "tls":
             self.tls_pending = None
             self.act(self.session.tls_done(False, "handshake timeout", now()))
@@ -575,9 +573,7 @@ class Connection:
             self.client.transport.write(out)
         if not done:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.set_timer(None)
         self.tls, self.tls_pending = tls, None
         version, cipher = tls.info()
         self.act(self.session.tls_done(True, f"{version} {cipher}", now()))
@@ -659,9 +655,7 @@ class Connection:
 
         Done in the event that asked for it, not in a task: a client that leaves the tarpit
         is freed within the loop iteration that saw it go (and its backend told to stop)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.set_timer(None)
         if self.client is not None and self.client.transport is not None:
             self.client.transport.close()  # flushes what is buffered first
         if self.backend is not None:
@@ -670,7 +664,7 @@ class Connection:
             return self.ended(action, self.backend_status or 0)
         self.closing = action  # exited() ends it
         if action.linger > 0:
-            self.timer = asyncio.get_running_loop().call_later(action.linger, self.kill, signal.SIGTERM)
+            self.set_timer(action.linger, self.kill, signal.SIGTERM)
         else:
             self.kill(signal.SIGTERM)
 
@@ -691,13 +685,11 @@ class Connection:
         except ProcessLookupError:
             return
         if sig == signal.SIGTERM:
-            self.timer = asyncio.get_running_loop().call_later(1.0, self.kill, signal.SIGKILL)
+            self.set_timer(1.0, self.kill, signal.SIGKILL)
 
     def ended(self, action, status: int) -> None:
         """The backend has exited with `status` (or there was none): the end line, then finish."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.set_timer(None)
         if status and action.linger > 0:
             self.log.event("error", what="backend", detail=f"exited with status {status}")
         self.log.event("end", **dict(action.fields))
