@@ -27,7 +27,7 @@ from libtarpit.text import printable
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~4 ms per connection
 if TYPE_CHECKING:
     import re
-    from typing import Iterable, Mapping, TextIO
+    from typing import Any, Iterable, Mapping, TextIO
 
 # `re` (and the `enum` it loads, ~6 ms) is imported only by the reading side (prefix,
 # parse_line): writing a line needs none, and a trusted client's exec path writes two.
@@ -134,6 +134,11 @@ class EventLog:
         base = dict(zip(self._base[::2], self._base[1::2]))
         base.update(fields)
         self._base = tuple(x for pair in base.items() for x in pair)
+
+    def write(self, lines: Iterable[Any]) -> None:
+        """Write each libtarpit.actions.Log value in `lines` as its line; never raises."""
+        for line in lines:
+            self.event(line.event, **dict(line.fields))
 
     def event(self, name: str, **fields: object) -> str:
         """Write the line for event `name` and return it (without newline)."""

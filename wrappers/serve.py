@@ -312,8 +312,7 @@ class Connection:
         self.log.update(**{"class": c.cls, "rule": "-" if c.rule is None else c.rule})
         if adm.limit > 0 and L.per_ip.get(self.ip, 0) >= adm.limit:
             return self.refused(admission.over_limit(adm))  # the per-IP cap: a count, no lock file
-        for line in adm.logs:
-            self.log.event(line.event, **dict(line.fields))
+        self.log.write(adm.logs)
         L.per_ip[self.ip] = L.per_ip.get(self.ip, 0) + 1
         self.done = 1
         await self.relay(adm, cfg, env)
@@ -363,8 +362,7 @@ class Connection:
 
     def refused(self, adm) -> None:
         """A refusing Admission: its log lines, its reply, the end line."""
-        for line in adm.logs:
-            self.log.event(line.event, **dict(line.fields))
+        self.log.write(adm.logs)
         try:
             self.sock.setblocking(False)
             self.sock.send(adm.reply)
@@ -386,11 +384,7 @@ class Connection:
             greylist = gl.Greylist(self.listener.store(cfg), adm.greylist)
         if cfg.tls_cert and adm.route == "proxy":
             self.tls_files = (cfg.tls_cert, cfg.tls_key or None)
-        # what differs from the listener's own environment: the whole dict (~1.5 KB) per client
-        # held in a greet pause or tarpit would be the largest thing it keeps
-        base = self.listener.base_env
-        self.env = (tuple(x for k, v in env.items() if base.get(k) != v for x in (k, v)),  # k1, v1, k2, ...
-                    tuple(k for k in base if k not in env))
+        self.env = self.listener.difference(env)
         self.session = Session(adm.client, adm.policy, adm.lists, greylist, now(),
                                proxy=adm.route == "proxy", tls=self.tls_files is not None,
                                full=self.listener.full if self.listener.backend_limit else None)
@@ -408,7 +402,7 @@ class Connection:
         while todo:
             a = todo.pop(0)
             if isinstance(a, A.Log):
-                self.log.event(a.event, **dict(a.fields))
+                self.log.write((a,))
             elif isinstance(a, A.SendClient):
                 self.to_client(a.data)
             elif isinstance(a, A.SendBackend):
@@ -727,8 +721,16 @@ class Listener:
         self._stores: dict[str, Any] = {}
         self._configs: dict[tuple, Any] = {}
 
+    def difference(self, env: dict[str, str]) -> tuple:
+        """What `env` sets (flat: name, value, name, value, ...) and unsets against our own
+        environment: the whole dict (~1.5 KB) per client held in a greet pause or tarpit would
+        be the largest thing it keeps.  environ() turns it back."""
+        base = self.base_env
+        return (tuple(x for k, v in env.items() if base.get(k) != v for x in (k, v)),
+                tuple(k for k in base if k not in env))
+
     def environ(self, diff: tuple) -> dict[str, str]:
-        """The backend's environment from a connection's (set, unset) difference to ours."""
+        """The backend's environment from a connection's difference() to ours."""
         env = dict(self.base_env)
         flat = diff[0]
         env.update(zip(flat[::2], flat[1::2]))

@@ -143,8 +143,7 @@ def tempfail(log, what: str, detail: str) -> int:
 
 def refused(adm, log) -> int:
     """Carry out a refusing Admission: its log lines, its reply, the end line; return the status."""
-    for line in adm.logs:
-        log.event(line.event, **dict(line.fields))
+    log.write(adm.logs)
     write_client(adm.reply)
     log.event("end", reason=adm.reason)
     return 111 if adm.reason == "tempfail" else 0
@@ -191,8 +190,7 @@ def setup(opts: dict[str, str], env: dict[str, str], log, program: list[str]):
         slot = take_slot(cfg.state_dir, client.ip, adm.limit, log)
         if slot is False:
             return refused(admission.over_limit(adm), log)
-    for line in adm.logs:
-        log.event(line.event, **dict(line.fields))
+    log.write(adm.logs)
     if adm.route == "exec" and adm.policy.greet_pause <= 0:
         # admission chose exec and there is nothing to wait for: carry it out without
         # importing the session (bench/: ~3 ms per connection on the fast path)
@@ -399,7 +397,7 @@ def run(session, program: list[str], log, slot: int | None = None, tls_files=Non
         while todo:
             a = todo.pop(0)
             if isinstance(a, A.Log):
-                log.event(a.event, **dict(a.fields))
+                log.write((a,))
             elif isinstance(a, A.SendClient):
                 client = client or Client()
                 client.send(a.data)
