@@ -18,7 +18,10 @@ client and hand the result to `sleep_done`; nothing else is fed meanwhile.  A
 `StartTLS` means: load the certificate, send its reply (our 220) after the
 replies before it, run the TLS handshake on the client and call `tls_done`.  The driver reads the client only
 while `wants_client()` and waits no longer than `deadline()`.  `Close` carries
-the `end` line, which the driver writes after the backend has exited.
+the `end` line, which the driver writes after the backend has exited.  A driver with a limit on
+backends running at once passes `full`, a callable giving that limit once it is
+reached (else 0): when the backend is due, the session then answers 421 and
+closes (`backend_limit`) instead of asking for it.
 
 The transaction follows the backend's replies, never the client's lines
 (h11's rule: change state on what both peers agree on).  A transaction starts
