@@ -537,10 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                      "that puts S25R, the tarpit, taRgrey, badheloarg and rcptusers in front of PROGRAM.")
     if answered is not None:
         return answered
-    if os.environ.get("LC_CTYPE") in ("C.UTF-8", "C.utf8", "UTF-8"):  # perhaps Python's, not tcpserver's
-        from libtarpit.procenv import undo_locale_coercion
+    from libtarpit.procenv import undo_locale_coercion
 
-        undo_locale_coercion()
+    undo_locale_coercion()  # the backend gets tcpserver's environment, not the one Python made
     if argv[:1] == ["serve"]:  # the listener: tcpserver's job too, many clients in one process
         from tarpit_wrappers.serve import main as serve
 
